@@ -1,0 +1,55 @@
+r"""fastgen: rectified-flow primitives for DMD2-style few-step distillation.
+
+Convention, stated once: :math:`x_t = (1 - t) x_0 + t \epsilon`, t in [0, 1] (t = 0 data,
+t = 1 noise), flow :math:`v = \epsilon - x_0`. All arithmetic in float64, rounded once to the
+output dtype; every public callable compiles with ``fullgraph=True`` and exports.
+"""
+
+from fastgen.config import ParamConverterConfig, SampleTimestepConfig
+from fastgen.flow_matching import (
+    DENOM_MIN,
+    add_noise,
+    convert_prediction,
+    expand_like,
+    pred_noise_to_pred_x0,
+    pred_x0_from_flow,
+    rf_alpha,
+    rf_sigma,
+    set_value_checks,
+    x0_to_eps,
+    x0_to_flow,
+)
+from fastgen.losses import dsm_loss, vsd_loss
+from fastgen.modules import ParamConverter, RFForward, TimestepSampler
+from fastgen.timesteps import make_t_list, resolution_shift, sample_from_t_list, sample_timesteps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # flow-matching primitives (the spec)
+    "add_noise",
+    "expand_like",
+    "pred_noise_to_pred_x0",
+    "pred_x0_from_flow",
+    "rf_alpha",
+    "rf_sigma",
+    "x0_to_eps",
+    "x0_to_flow",
+    "convert_prediction",
+    "DENOM_MIN",
+    "set_value_checks",
+    # timestep sampling
+    "SampleTimestepConfig",
+    "sample_timesteps",
+    "sample_from_t_list",
+    "make_t_list",
+    "resolution_shift",
+    # modules
+    "ParamConverter",
+    "ParamConverterConfig",
+    "RFForward",
+    "TimestepSampler",
+    # DMD2 losses
+    "dsm_loss",
+    "vsd_loss",
+]

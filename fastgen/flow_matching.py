@@ -1,0 +1,433 @@
+r"""Rectified-flow (RF) helpers: forward process, inversions, timestep sampling.
+
+This module intentionally does not define a NoiseScheduler class. It exposes the handful of
+primitives that DMD2 actually needs as plain functions, so callers can plug fastgen into any
+training stack without adopting a new scheduler object.
+
+RF convention used throughout: :math:`\alpha_t = 1 - t` and :math:`\sigma_t = t`, so
+
+.. math::
+
+    x_t = (1 - t)\, x_0 + t\, \epsilon, \qquad v = \epsilon - x_0, \qquad t \in [0, 1],
+
+with t = 0 the data and t = 1 pure noise. Internally all arithmetic is in float64 and the
+result is rounded once to the output dtype, so every output is the correctly rounded float64
+value of its formula, and eager and compiled results are bitwise equal.
+
+``t`` may be 0-d, shape ``[B]``, or any shape that lines up with the leading dims of the data
+(``[B, 1, T]`` against video latents ``[B, C, T, H, W]`` gives per-frame timesteps);
+:func:`expand_like` appends the trailing singleton dims.
+
+Value checks on ``t`` (inside [0, 1], not NaN) need a host sync, so they run in eager mode
+only: they are skipped under ``torch.compile``, ``torch.export`` and CUDA-graph capture, and
+:func:`set_value_checks` turns them off in eager mode too. Type and shape checks always run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DENOM_MIN",
+    "add_noise",
+    "convert_prediction",
+    "expand_like",
+    "pred_noise_to_pred_x0",
+    "pred_x0_from_flow",
+    "rf_alpha",
+    "rf_sigma",
+    "sample_from_t_list",
+    "sample_timesteps",
+    "set_value_checks",
+    "x0_to_eps",
+    "x0_to_flow",
+]
+
+# Floor for the two denominators (t in the x0 -> eps/flow inversions, 1 - t in eps -> x0).
+# It is FastGen's guard: the outputs stay finite on the closed interval t in [0, 1].
+DENOM_MIN = 1e-6
+
+Param = Literal["x0", "eps", "flow"]
+_PARAMS = ("x0", "eps", "flow")
+
+_value_checks_enabled = True
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turn the eager-mode value checks on ``t`` on or off.
+
+    The checks (every ``t`` in [0, 1], none NaN) cost one host sync per call. They never run
+    under ``torch.compile``, ``torch.export`` or CUDA-graph capture; this switch also skips
+    them in eager mode, for speed in a trusted training loop.
+
+    Args:
+        enabled: ``True`` to check (the default state), ``False`` to skip.
+
+    Returns:
+        The previous setting, so a caller can restore it.
+
+    Example:
+        >>> import fastgen
+        >>> previous = fastgen.set_value_checks(False)
+        >>> fastgen.set_value_checks(previous)
+        False
+    """
+    global _value_checks_enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous, _value_checks_enabled = _value_checks_enabled, enabled
+    return previous
+
+
+def _check_float_tensor(name: str, x: object) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_pair(name_a: str, a: object, name_b: str, b: object) -> None:
+    _check_float_tensor(name_a, a)
+    _check_float_tensor(name_b, b)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def _should_check_values(t: Tensor) -> bool:
+    # Reading tensor values syncs with the device: never while tracing or capturing a graph.
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if not _value_checks_enabled:
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_t_values(t: Tensor) -> None:
+    if _should_check_values(t) and t.numel() > 0:
+        bad = (t < 0) | (t > 1) | torch.isnan(t)
+        if bool(bad.any()):
+            raise ValueError(
+                "t must lie in the closed interval [0, 1] and not be NaN, got values in "
+                f"[{t.detach().min().item()}, {t.detach().max().item()}]"
+                f"{' (with NaN)' if bool(torch.isnan(t).any()) else ''}"
+            )
+
+
+def expand_like(t: Tensor, x: Tensor) -> Tensor:
+    r"""Append trailing singleton dims to ``t`` so that it broadcasts against ``x``.
+
+    ``t`` lines up with the *leading* dims of ``x``: each of its dims must be 1 or equal to
+    the matching dim of ``x``. A 0-d ``t`` broadcasts everywhere.
+
+    .. math::
+
+        \operatorname{shape}(t') = \operatorname{shape}(t) + (1,) \times (x.\mathrm{ndim} - t.\mathrm{ndim})
+
+    Args:
+        t: Timesteps, shape ``[]``, ``[B]`` or ``[B, ...]`` (a prefix of ``x``'s shape, 1s allowed).
+        x: The tensor to broadcast against, shape ``[B, ...]``.
+
+    Returns:
+        A view of ``t`` (same dtype and device) with ``x.ndim`` dims.
+
+    Raises:
+        TypeError: ``t`` or ``x`` is not a tensor.
+        ValueError: ``t`` has more dims than ``x`` or a leading dim that does not match.
+
+    Example:
+        >>> import torch
+        >>> expand_like(torch.rand(2), torch.zeros(2, 3, 4, 4)).shape
+        torch.Size([2, 1, 1, 1])
+        >>> expand_like(torch.rand(2, 1, 5), torch.zeros(2, 3, 5, 4, 4)).shape
+        torch.Size([2, 1, 5, 1, 1])
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if t.ndim > x.ndim:
+        raise ValueError(
+            f"t cannot broadcast against the data: t has {t.ndim} dims {tuple(t.shape)}, "
+            f"the data only {x.ndim} {tuple(x.shape)}"
+        )
+    for dim, (t_size, x_size) in enumerate(zip(t.shape, x.shape)):
+        if t_size != 1 and t_size != x_size:
+            raise ValueError(
+                f"t cannot broadcast against the data: t.shape[{dim}] = {t_size} but the data "
+                f"has {x_size} there (t {tuple(t.shape)}, data {tuple(x.shape)}); t must line "
+                "up with the leading dims"
+            )
+    return t.reshape(*t.shape, *([1] * (x.ndim - t.ndim)))
+
+
+def _t64(t: Tensor, x: Tensor) -> Tensor:
+    """Validate ``t`` against the data ``x`` and return it in float64, broadcastable to ``x``."""
+    _check_float_tensor("t", t)
+    t = expand_like(t, x)
+    _check_t_values(t)
+    return t.to(torch.float64)
+
+
+def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    r"""Forward process under rectified flow.
+
+    .. math::
+
+        x_t = (1 - t)\, x_0 + t\, \epsilon
+
+    ``t`` is broadcast across the trailing axes of ``x0`` via :func:`expand_like`. At t = 0
+    the result is ``x0`` exactly, at t = 1 it is ``eps`` exactly.
+
+    Args:
+        x0: Clean data, shape ``[B, ...]``, floating point.
+        eps: Gaussian noise, same shape as ``x0`` (any floating dtype).
+        t: Timesteps in [0, 1], shape ``[]``, ``[B]`` or a prefix of ``x0``'s shape.
+
+    Returns:
+        ``x_t`` in ``x0``'s dtype: the float64 value rounded once.
+
+    Example:
+        >>> import torch
+        >>> add_noise(torch.tensor([[2.0, 4.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0.25]))
+        tensor([[1.5000, 3.2500]])
+    """
+    _check_pair("x0", x0, "eps", eps)
+    t64 = _t64(t, x0)
+    x_t = (1.0 - t64) * x0.to(torch.float64) + t64 * eps.to(torch.float64)
+    return x_t.to(x0.dtype)
+
+
+def pred_noise_to_pred_x0(pred_noise: Tensor, noisy_latents: Tensor, t: Tensor) -> Tensor:
+    r"""Convert an ``eps``-parameterized prediction to an ``x0`` prediction under RF.
+
+    Solves :math:`x_t = (1 - t) x_0 + t \epsilon` for :math:`x_0`, with the denominator
+    floored at :data:`DENOM_MIN` so that the result is finite at t = 1:
+
+    .. math::
+
+        x_0 = \frac{x_t - t\, \epsilon}{\max(1 - t,\ 10^{-6})}
+
+    Args:
+        pred_noise: Predicted noise, shape ``[B, ...]``.
+        noisy_latents: ``x_t``, same shape.
+        t: Timesteps in [0, 1], shape ``[]``, ``[B]`` or a prefix of the data shape.
+
+    Returns:
+        ``x0`` in ``noisy_latents``' dtype: the float64 value rounded once.
+
+    Example:
+        >>> import torch
+        >>> pred_noise_to_pred_x0(torch.tensor([1.0]), torch.tensor([1.5]), torch.tensor(0.5))
+        tensor([2.])
+    """
+    _check_pair("pred_noise", pred_noise, "noisy_latents", noisy_latents)
+    t64 = _t64(t, noisy_latents)
+    x0 = (noisy_latents.to(torch.float64) - t64 * pred_noise.to(torch.float64)) / (
+        1.0 - t64
+    ).clamp_min(DENOM_MIN)
+    return x0.to(noisy_latents.dtype)
+
+
+def pred_x0_from_flow(pred_flow: Tensor, noisy_latents: Tensor, t: Tensor) -> Tensor:
+    r"""Convert a flow-parameterized prediction (:math:`v = \epsilon - x_0`) to ``x0``.
+
+    :math:`x_t = (1 - t) x_0 + t \epsilon` and :math:`v = \epsilon - x_0` combine to
+    :math:`x_t = x_0 + t v`, so no division is needed and the result is finite everywhere:
+
+    .. math::
+
+        x_0 = x_t - t\, v
+
+    Args:
+        pred_flow: Predicted flow ``v``, shape ``[B, ...]``.
+        noisy_latents: ``x_t``, same shape.
+        t: Timesteps in [0, 1], shape ``[]``, ``[B]`` or a prefix of the data shape.
+
+    Returns:
+        ``x0`` in ``noisy_latents``' dtype: the float64 value rounded once.
+
+    Example:
+        >>> import torch
+        >>> pred_x0_from_flow(torch.tensor([-1.0]), torch.tensor([1.5]), torch.tensor(0.5))
+        tensor([2.])
+    """
+    _check_pair("pred_flow", pred_flow, "noisy_latents", noisy_latents)
+    t64 = _t64(t, noisy_latents)
+    x0 = noisy_latents.to(torch.float64) - t64 * pred_flow.to(torch.float64)
+    return x0.to(noisy_latents.dtype)
+
+
+def rf_alpha(t: Tensor) -> Tensor:
+    r"""Rectified-flow data coefficient.
+
+    .. math::
+
+        \alpha_t = 1 - t
+
+    Args:
+        t: Timesteps in [0, 1], any shape.
+
+    Returns:
+        :math:`\alpha_t` in ``t``'s dtype: the float64 value rounded once.
+
+    Example:
+        >>> import torch
+        >>> rf_alpha(torch.tensor([0.0, 0.25, 1.0]))
+        tensor([1.0000, 0.7500, 0.0000])
+    """
+    _check_float_tensor("t", t)
+    _check_t_values(t)
+    return (1.0 - t.to(torch.float64)).to(t.dtype)
+
+
+def rf_sigma(t: Tensor) -> Tensor:
+    r"""Rectified-flow noise coefficient.
+
+    .. math::
+
+        \sigma_t = t
+
+    Args:
+        t: Timesteps in [0, 1], any shape.
+
+    Returns:
+        :math:`\sigma_t`, a new tensor in ``t``'s dtype (exact: nothing to round).
+
+    Example:
+        >>> import torch
+        >>> rf_sigma(torch.tensor([0.0, 0.25, 1.0]))
+        tensor([0.0000, 0.2500, 1.0000])
+    """
+    _check_float_tensor("t", t)
+    _check_t_values(t)
+    return t.clone()
+
+
+def x0_to_eps(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    r"""Invert the RF forward process for the noise.
+
+    Given the current ``x_t`` and an ``x0`` prediction, recover the implied noise
+    deterministically (the student's ODE unroll); the denominator is floored at
+    :data:`DENOM_MIN` so that the result is finite at t = 0:
+
+    .. math::
+
+        \epsilon = \frac{x_t - (1 - t)\, x_0}{\max(t,\ 10^{-6})}
+
+    Args:
+        x0: ``x0`` prediction, shape ``[B, ...]``.
+        x_t: Noisy latents, same shape.
+        t: Timesteps in [0, 1], shape ``[]``, ``[B]`` or a prefix of the data shape.
+
+    Returns:
+        ``eps`` in ``x_t``'s dtype: the float64 value rounded once.
+
+    Example:
+        >>> import torch
+        >>> x0_to_eps(torch.tensor([2.0]), torch.tensor([1.5]), torch.tensor(0.5))
+        tensor([1.])
+    """
+    _check_pair("x0", x0, "x_t", x_t)
+    t64 = _t64(t, x_t)
+    eps = (x_t.to(torch.float64) - (1.0 - t64) * x0.to(torch.float64)) / t64.clamp_min(DENOM_MIN)
+    return eps.to(x_t.dtype)
+
+
+def x0_to_flow(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    r"""Convert an ``x0`` prediction back into a flow prediction under RF.
+
+    :math:`x_t - x_0 = t (\epsilon - x_0) = t v`, so (denominator floored at
+    :data:`DENOM_MIN`, finite at t = 0):
+
+    .. math::
+
+        v = \frac{x_t - x_0}{\max(t,\ 10^{-6})}
+
+    Used when the fake score is flow-native but the loss lives in another parameterization:
+    raw flow -> x0 via :func:`pred_x0_from_flow`, then back; the round trip is the identity
+    up to float64 round-off.
+
+    Args:
+        x0: ``x0`` prediction, shape ``[B, ...]``.
+        x_t: Noisy latents, same shape.
+        t: Timesteps in [0, 1], shape ``[]``, ``[B]`` or a prefix of the data shape.
+
+    Returns:
+        ``v`` in ``x_t``'s dtype: the float64 value rounded once.
+
+    Example:
+        >>> import torch
+        >>> x0_to_flow(torch.tensor([2.0]), torch.tensor([1.5]), torch.tensor(0.5))
+        tensor([-1.])
+    """
+    _check_pair("x0", x0, "x_t", x_t)
+    t64 = _t64(t, x_t)
+    flow = (x_t.to(torch.float64) - x0.to(torch.float64)) / t64.clamp_min(DENOM_MIN)
+    return flow.to(x_t.dtype)
+
+
+def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst: Param) -> Tensor:
+    r"""Convert a model prediction between the ``x0``, ``eps`` and ``flow`` parameterizations.
+
+    All nine pairs, each one closed form evaluated in float64. Flow <-> x0 and flow -> eps use
+    the division-free forms, so they are exact and finite for every t in [0, 1]:
+
+    .. math::
+
+        x_0 = x_t - t v, \quad \epsilon = x_t + (1 - t) v, \quad
+        x_0 = \frac{x_t - t \epsilon}{1 - t}, \quad v = \frac{\epsilon - x_t}{1 - t}, \quad
+        \epsilon = \frac{x_t - (1 - t) x_0}{t}, \quad v = \frac{x_t - x_0}{t},
+
+    with each denominator floored at :data:`DENOM_MIN`. ``src`` and ``dst`` are static:
+    under ``torch.compile`` the choice costs nothing.
+
+    Args:
+        pred: The prediction in the ``src`` parameterization, shape ``[B, ...]``.
+        x_t: Noisy latents, same shape.
+        t: Timesteps in [0, 1], shape ``[]``, ``[B]`` or a prefix of the data shape.
+        src: ``"x0"``, ``"eps"`` or ``"flow"``: what ``pred`` is.
+        dst: ``"x0"``, ``"eps"`` or ``"flow"``: what to return.
+
+    Returns:
+        The prediction in the ``dst`` parameterization, in ``x_t``'s dtype (the float64 value
+        rounded once). When ``src == dst`` it is ``pred`` itself (cast to ``x_t``'s dtype).
+
+    Example:
+        >>> import torch
+        >>> convert_prediction(torch.tensor([-1.0]), torch.tensor([1.5]), torch.tensor(0.5),
+        ...                    src="flow", dst="eps")
+        tensor([1.])
+    """
+    for name, value in (("src", src), ("dst", dst)):
+        if value not in _PARAMS:
+            raise ValueError(f"{name} must be one of {_PARAMS}, got {value!r}")
+    if src == dst:
+        _check_pair("pred", pred, "x_t", x_t)
+        _t64(t, x_t)
+        return pred.to(x_t.dtype)
+    if src == "flow" and dst == "x0":
+        return pred_x0_from_flow(pred, x_t, t)
+    if src == "eps" and dst == "x0":
+        return pred_noise_to_pred_x0(pred, x_t, t)
+    if src == "x0" and dst == "eps":
+        return x0_to_eps(pred, x_t, t)
+    if src == "x0" and dst == "flow":
+        return x0_to_flow(pred, x_t, t)
+    _check_pair("pred", pred, "x_t", x_t)
+    t64 = _t64(t, x_t)
+    if src == "flow":  # flow -> eps
+        out = x_t.to(torch.float64) + (1.0 - t64) * pred.to(torch.float64)
+    else:  # eps -> flow
+        out = (pred.to(torch.float64) - x_t.to(torch.float64)) / (1.0 - t64).clamp_min(DENOM_MIN)
+    return out.to(x_t.dtype)
+
+
+# The samplers live in their own file (one concern each) and join this module's namespace,
+# as the API page lists them here.
+from fastgen.timesteps import sample_from_t_list, sample_timesteps  # noqa: E402
