@@ -17,7 +17,9 @@ __all__ = ["MODE_SCALE_MAX", "ParamConverterConfig", "SampleTimestepConfig", "ch
 # exactly when -1 < s < 1 / (pi / 2 - 1).
 MODE_SCALE_MAX = 1.0 / (math.pi / 2.0 - 1.0)
 
-TimeDistType = Literal["uniform", "logitnormal", "lognormal", "shifted", "polynomial", "mode", "cosmap"]
+TimeDistType = Literal[
+    "uniform", "logitnormal", "lognormal", "shifted", "polynomial", "mode", "cosmap"
+]
 
 
 def check_t_list(t_list: Any, name: str = "t_list") -> tuple[float, ...]:
@@ -45,7 +47,9 @@ def check_t_list(t_list: Any, name: str = "t_list") -> tuple[float, ...]:
             raise ValueError(f"{name}[{i}] must be a float, got {type(v).__name__}")
         values.append(float(v))
     if len(values) < 2:
-        raise ValueError(f"{name} must have at least 2 entries (start and the final 0), got {len(values)}")
+        raise ValueError(
+            f"{name} must have at least 2 entries (start and the final 0), got {len(values)}"
+        )
     for i, v in enumerate(values):
         if not (0.0 <= v <= 1.0):  # also rejects NaN
             raise ValueError(f"{name}[{i}] = {v} is outside [0, 1]")

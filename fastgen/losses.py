@@ -96,7 +96,9 @@ def vsd_loss(gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor) -> Tensor:
     _check_pair("gen", gen, "teacher_x0", teacher_x0)
     _check_pair("gen", gen, "fake_x0", fake_x0)
     if gen.ndim < 2:
-        raise ValueError(f"gen must have a batch dim and data dims (ndim >= 2), got {tuple(gen.shape)}")
+        raise ValueError(
+            f"gen must have a batch dim and data dims (ndim >= 2), got {tuple(gen.shape)}"
+        )
     gen64 = gen.to(torch.float64)
     with torch.no_grad():
         teacher64 = teacher_x0.detach().to(torch.float64)

@@ -139,9 +139,7 @@ def _cast_inside(t: Tensor, lo: float, hi: float, dtype: torch.dtype) -> Tensor:
     return torch.where(wide < lo, (bits + 1).view(dtype), rounded)
 
 
-def _check_sampling_args(
-    n: object, dtype: object, generator: torch.Generator | None
-) -> None:
+def _check_sampling_args(n: object, dtype: object, generator: torch.Generator | None) -> None:
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 0:
@@ -299,7 +297,9 @@ def make_t_list(num_steps: int, *, shift: float = 1.0, max_t: float = 0.999) -> 
         raise ValueError(f"shift must be a finite float > 0, got {shift!r}")
     if not (isinstance(max_t, (int, float)) and 0.0 < max_t <= 1.0):
         raise ValueError(f"max_t must be in (0, 1], got {max_t!r}")
-    ladder = [min(_shift_map(1.0 - i / num_steps, float(shift)), float(max_t)) for i in range(num_steps)]
+    ladder = [
+        min(_shift_map(1.0 - i / num_steps, float(shift)), float(max_t)) for i in range(num_steps)
+    ]
     ladder.append(0.0)
     return list(check_t_list(ladder, "make_t_list result"))
 
