@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 __all__ = [
     "DENOM_MIN",
@@ -89,14 +90,26 @@ def _check_float_tensor(name: str, x: object) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
+def _require_size(ok, what: str, a: Tensor, b: Tensor) -> None:
+    """Raise ``ValueError`` (``what``, then both shapes) when a size check fails.
+
+    Under ``torch.compile`` a size may be an unbacked symbol (``mark_unbacked``) whose value is
+    unknown while tracing: then the check becomes a runtime assertion instead of a guard.
+    """
+    if not guard_or_true(ok):
+        raise ValueError(f"{what}, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if torch.compiler.is_compiling():
+        torch._check(ok, lambda: what)
+
+
 def _check_pair(name_a: str, a: object, name_b: str, b: object) -> None:
     _check_float_tensor(name_a, a)
     _check_float_tensor(name_b, b)
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{name_a} and {name_b} must have the same shape, "
-            f"got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
+    what = f"{name_a} and {name_b} must have the same shape"
+    if a.ndim != b.ndim:
+        raise ValueError(f"{what}, got {tuple(a.shape)} and {tuple(b.shape)}")
+    for size_a, size_b in zip(a.shape, b.shape):
+        _require_size(size_a == size_b, what, a, b)
 
 
 def _should_check_values(t: Tensor) -> bool:
@@ -157,12 +170,13 @@ def expand_like(t: Tensor, x: Tensor) -> Tensor:
             f"the data only {x.ndim} {tuple(x.shape)}"
         )
     for dim, (t_size, x_size) in enumerate(zip(t.shape, x.shape)):
-        if t_size != 1 and t_size != x_size:
-            raise ValueError(
-                f"t cannot broadcast against the data: t.shape[{dim}] = {t_size} but the data "
-                f"has {x_size} there (t {tuple(t.shape)}, data {tuple(x.shape)}); t must line "
-                "up with the leading dims"
+        # As torch's broadcasting does: a size not known to be 1 must match.
+        if not guard_or_false(t_size == 1):
+            what = (
+                f"t cannot broadcast against the data: t.shape[{dim}] must be 1 or equal the "
+                f"data's (t lines up with the leading dims); t and data"
             )
+            _require_size(t_size == x_size, what, t, x)
     return t.reshape(*t.shape, *([1] * (x.ndim - t.ndim)))
 
 

@@ -114,11 +114,18 @@ def truncated_cdf(t: float, cfg: SampleTimestepConfig) -> float:
 def _uniforms(
     n: int, stratified: bool, device: torch.device | str | None, generator: torch.Generator | None
 ) -> Tensor:
-    u = torch.rand(n, device=device, dtype=torch.float64, generator=generator)
+    # generator=None is a separate overload that rejects symbolic sizes: only pass a real one.
+    if generator is None:
+        u = torch.rand(n, device=device, dtype=torch.float64)
+    else:
+        u = torch.rand(n, device=device, dtype=torch.float64, generator=generator)
     if stratified:
         # One draw per stratum [i/n, (i+1)/n), strata shuffled so no sample index is biased.
-        strata = torch.randperm(n, device=device, generator=generator).to(torch.float64)
-        u = (strata + u) / n
+        if generator is None:
+            strata = torch.randperm(n, device=device)
+        else:
+            strata = torch.randperm(n, device=device, generator=generator)
+        u = (strata.to(torch.float64) + u) / n
     return u
 
 
@@ -140,7 +147,8 @@ def _cast_inside(t: Tensor, lo: float, hi: float, dtype: torch.dtype) -> Tensor:
 
 
 def _check_sampling_args(n: object, dtype: object, generator: torch.Generator | None) -> None:
-    if isinstance(n, bool) or not isinstance(n, int):
+    # torch.export passes a symbolic batch size (SymInt).
+    if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -263,7 +271,10 @@ def sample_from_t_list(
     """
     rungs = check_t_list(t_list)
     _check_sampling_args(n, dtype, generator)
-    index = torch.randint(0, len(rungs) - 1, (n,), device=device, generator=generator)
+    if generator is None:
+        index = torch.randint(0, len(rungs) - 1, (n,), device=device)
+    else:
+        index = torch.randint(0, len(rungs) - 1, (n,), device=device, generator=generator)
     t = torch.full((n,), rungs[0], dtype=torch.float64, device=device)
     for k in range(1, len(rungs) - 1):
         t = torch.where(index == k, rungs[k], t)
