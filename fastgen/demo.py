@@ -1,0 +1,393 @@
+r"""DMD2 end to end on a 2-D mixture of 8 Gaussians: ``python -m fastgen.demo``.
+
+1. Train a rectified-flow teacher (an MLP velocity model) with :class:`TimestepSampler`
+   (logit-normal), :class:`RFForward` and the flow target.
+2. Sample it with a multi-step Euler ODE written with the fastgen conversions.
+3. Distill, with DMD2, a 1-step and a 4-step student: generator initialised from the teacher,
+   a fake score trained with :func:`dsm_loss` on generator samples, the generator trained with
+   :func:`vsd_loss`, 5 fake-score updates per generator update.
+4. Report the sliced Wasserstein-2 distance (SWD) of each sampler to fresh data, and the modes
+   covered; write ``metrics.json`` and ``samples.png``.
+
+Runs on one process or under ``torchrun --nproc_per_node=2 -m fastgen.demo`` (DDP: gloo on
+CPU, nccl on CUDA; each rank draws its own data and timesteps, rank 0 writes the files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastgen.config import SampleTimestepConfig
+from fastgen.flow_matching import add_noise, convert_prediction, pred_x0_from_flow, x0_to_eps
+from fastgen.losses import dsm_loss, vsd_loss
+from fastgen.modules import RFForward, TimestepSampler
+from fastgen.timesteps import make_t_list
+
+N_MODES = 8
+RADIUS = 2.0
+MODE_STD = 0.08
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each phase trains (the default run and ``--quick``)."""
+
+    teacher_steps: int
+    distill_updates: int  # generator updates per student; 5 fake-score updates each
+    batch: int
+    teacher_ode_steps: int
+    eval_samples: int
+
+
+DEFAULT = Budget(teacher_steps=3000, distill_updates=500, batch=1024, teacher_ode_steps=40, eval_samples=8192)
+QUICK = Budget(teacher_steps=800, distill_updates=100, batch=512, teacher_ode_steps=32, eval_samples=8192)
+FAKE_UPDATES_PER_GEN = 5
+
+
+# --- data and metrics ------------------------------------------------------------------------
+
+
+def mode_centers(device: torch.device) -> Tensor:
+    angles = torch.arange(N_MODES, device=device, dtype=torch.float32) * (2 * math.pi / N_MODES)
+    return RADIUS * torch.stack([angles.cos(), angles.sin()], dim=1)
+
+
+def sample_data(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """n points from the ring of 8 Gaussians (std MODE_STD around radius RADIUS)."""
+    which = torch.randint(0, N_MODES, (n,), device=device, generator=generator)
+    noise = torch.randn(n, 2, device=device, generator=generator)
+    return mode_centers(device)[which] + MODE_STD * noise
+
+
+def sliced_wasserstein(a: Tensor, b: Tensor, projections: Tensor) -> float:
+    """Sliced W2: sqrt of the mean over projections of W2^2 between the 1-D marginals."""
+    pa = torch.sort(a.double() @ projections.double(), dim=0).values
+    pb = torch.sort(b.double() @ projections.double(), dim=0).values
+    return math.sqrt(float(((pa - pb) ** 2).mean()))
+
+
+def modes_covered(samples: Tensor) -> int:
+    """Modes with at least 1% of the samples within 3 standard deviations of their center."""
+    dist_to_centers = torch.cdist(samples.float(), mode_centers(samples.device))
+    near = (dist_to_centers < 3 * MODE_STD).float().mean(dim=0)
+    return int((near >= 0.01).sum())
+
+
+# --- networks --------------------------------------------------------------------------------
+
+
+class VelocityMLP(nn.Module):
+    """v(x_t, t): an MLP on the point and Fourier features of t."""
+
+    def __init__(self, width: int = 256, n_freqs: int = 8) -> None:
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(n_freqs, dtype=torch.float32) * math.pi, persistent=False)
+        self.net = nn.Sequential(
+            nn.Linear(2 + 2 * n_freqs, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, 2),
+        )
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        angles = t[:, None] * self.freqs
+        return self.net(torch.cat([x_t, angles.sin(), angles.cos()], dim=1))
+
+
+# --- samplers (written with the fastgen conversions) ----------------------------------------
+
+
+def euler_ode(model: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t_list: list[float]) -> Tensor:
+    """Deterministic RF sampling: each step re-noises the x0 estimate with the implied noise.
+
+    ``add_noise(x0_hat, eps_hat, t_next)`` with ``x0_hat = x_t - t v`` and
+    ``eps_hat = x_t + (1 - t) v`` is exactly the Euler step ``x_t + (t_next - t) v``, with no
+    division, and returns ``x0_hat`` at ``t_next = 0``.
+    """
+    x = eps
+    for t_now, t_next in zip(t_list[:-1], t_list[1:]):
+        t = torch.full((x.shape[0],), t_now, device=x.device)
+        flow = model(x, t)
+        x0_hat = pred_x0_from_flow(flow, x, t)
+        eps_hat = convert_prediction(flow, x, t, src="flow", dst="eps")
+        x = add_noise(x0_hat, eps_hat, torch.full_like(t, t_next))
+    return x
+
+
+def student_sample(generator: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t_list: list[float]) -> Tensor:
+    """Few-step student: x0 at each rung, then ODE re-noising to the next (exact at t = 0)."""
+    x = eps
+    for t_now, t_next in zip(t_list[:-1], t_list[1:]):
+        t = torch.full((x.shape[0],), t_now, device=x.device)
+        x0_hat = pred_x0_from_flow(generator(x, t), x, t)
+        x = add_noise(x0_hat, x0_to_eps(x0_hat, x, t), torch.full_like(t, t_next))
+    return x
+
+
+# --- training steps (each compiled as one graph) --------------------------------------------
+
+
+def teacher_loss(model: nn.Module, sampler: TimestepSampler, noiser: RFForward, x0: Tensor) -> Tensor:
+    eps = torch.randn_like(x0)
+    t = sampler(x0)
+    return dsm_loss(model(noiser(x0, eps, t), t), x0=x0, eps=eps, t=t, pred_type="flow")
+
+
+def fake_score_loss(fake: nn.Module, sampler: TimestepSampler, noiser: RFForward, gen: Tensor) -> Tensor:
+    """DSM of the fake score on (detached) generator samples: it learns the student's law."""
+    eps = torch.randn_like(gen)
+    t = sampler(gen)
+    return dsm_loss(fake(noiser(gen, eps, t), t), x0=gen, eps=eps, t=t, pred_type="flow")
+
+
+def generator_loss(
+    teacher: nn.Module, fake: nn.Module, sampler: TimestepSampler, noiser: RFForward, gen: Tensor
+) -> Tensor:
+    """DMD2's distribution-matching loss: push gen along (fake x0 - teacher x0)."""
+    eps = torch.randn_like(gen)
+    t = sampler(gen)
+    x_t = noiser(gen, eps, t)
+    with torch.no_grad():
+        teacher_x0 = pred_x0_from_flow(teacher(x_t, t), x_t, t)
+        fake_x0 = pred_x0_from_flow(fake(x_t, t), x_t, t)
+    return vsd_loss(gen, teacher_x0, fake_x0)
+
+
+def student_at_rungs(generator: nn.Module, rungs: TimestepSampler, eps: Tensor) -> Tensor:
+    """x0 predictions of a multi-step student at randomly drawn rungs of its ladder.
+
+    Backward simulation without a Python branch on tensor values: the student is unrolled
+    (no grad) through every rung from pure noise, each sample keeps the state at its own drawn
+    rung k, and the generator runs once more there with gradient.
+    """
+    t, k = rungs.sample_t_list(eps)
+    ladder = rungs.t_list.to(eps.dtype)
+    x, x_at_k = eps, eps
+    with torch.no_grad():
+        for j in range(1, ladder.shape[0] - 1):
+            t_j = ladder[j - 1].expand(eps.shape[0])
+            x0_hat = pred_x0_from_flow(generator(x, t_j), x, t_j)
+            x = add_noise(x0_hat, x0_to_eps(x0_hat, x, t_j), ladder[j].expand(eps.shape[0]))
+            x_at_k = torch.where((k == j)[:, None], x, x_at_k)
+    return pred_x0_from_flow(generator(x_at_k, t), x_at_k, t)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world: int
+    compiled: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def compile(self, fn):
+        return torch.compile(fn, fullgraph=True) if self.compiled else fn
+
+
+def progress(total: int, desc: str, rt: Runtime):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not rt.main, leave=True, dynamic_ncols=True)
+
+
+def train_teacher(rt: Runtime, budget: Budget) -> nn.Module:
+    teacher = VelocityMLP().to(rt.device)
+    model = rt.wrap(teacher)
+    sampler = TimestepSampler(SampleTimestepConfig(time_dist_type="logitnormal", min_t=0.0, max_t=1.0))
+    noiser = RFForward()
+    opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, budget.teacher_steps, eta_min=1e-5)
+    step = rt.compile(teacher_loss)
+    with progress(budget.teacher_steps, "teacher (RF)", rt) as bar:
+        for i in range(budget.teacher_steps):
+            loss = step(model, sampler, noiser, sample_data(budget.batch, rt.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            if i % 100 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+    return teacher.requires_grad_(False).eval()
+
+
+def distill(rt: Runtime, budget: Budget, teacher: nn.Module, t_list: list[float], name: str) -> nn.Module:
+    """DMD2: a student with ladder ``t_list`` (1 step: [0.999, 0])."""
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    gen_model, fake_model = rt.wrap(student), rt.wrap(fake)
+    noiser = RFForward()
+    score_t = TimestepSampler(SampleTimestepConfig(time_dist_type="uniform", min_t=0.02, max_t=0.98))
+    rungs = TimestepSampler(SampleTimestepConfig(t_list=t_list)).to(rt.device)
+    gen_opt = torch.optim.Adam(student.parameters(), lr=1e-4, betas=(0.0, 0.99))
+    fake_opt = torch.optim.Adam(fake.parameters(), lr=4e-4, betas=(0.0, 0.99))
+
+    def gen_step(eps: Tensor) -> Tensor:
+        gen = student_at_rungs(gen_model, rungs, eps)
+        return generator_loss(teacher, fake_model, score_t, noiser, gen)
+
+    def fake_step(eps: Tensor) -> Tensor:
+        with torch.no_grad():
+            gen = student_at_rungs(gen_model, rungs, eps)
+        return fake_score_loss(fake_model, score_t, noiser, gen)
+
+    gen_step, fake_step = rt.compile(gen_step), rt.compile(fake_step)
+    with progress(budget.distill_updates, f"DMD2 {name}", rt) as bar:
+        for i in range(budget.distill_updates):
+            for _ in range(FAKE_UPDATES_PER_GEN):
+                loss = fake_step(torch.randn(budget.batch, 2, device=rt.device))
+                fake_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                fake_opt.step()
+            loss = gen_step(torch.randn(budget.batch, 2, device=rt.device))
+            gen_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gen_opt.step()
+            bar.update()
+            if i % 50 == 0:
+                bar.set_postfix(vsd=f"{loss.item():.3g}")
+    return student.requires_grad_(False).eval()
+
+
+def save_plot(path: Path, panels: dict[str, Tensor]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (title, pts) in zip(axes, panels.items()):
+        pts = pts.detach().float().cpu()
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3, rasterized=True)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-3.2, 3.2)
+        ax.set_ylim(-3.2, 3.2)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rt = Runtime(device=device, rank=rank, world=world, compiled=not args.no_compile)
+    budget = QUICK if args.quick else DEFAULT
+    start = time.perf_counter()
+    # Each rank its own data, noise and timesteps; DDP broadcasts rank 0's initial weights.
+    torch.manual_seed(args.seed + 1000 * rank)
+    teacher = train_teacher(rt, budget)
+    one_step = make_t_list(1)
+    four_step = make_t_list(4, shift=args.shift)
+    student_1 = distill(rt, budget, teacher, one_step, "1-step")
+    student_4 = distill(rt, budget, teacher, four_step, "4-step")
+
+    result = None
+    if rt.main:
+        eval_gen = torch.Generator(device=device).manual_seed(args.seed + 7)
+        data = sample_data(budget.eval_samples, device, eval_gen)
+        noise = torch.randn(budget.eval_samples, 2, device=device, generator=eval_gen)
+        projections = torch.randn(2, 256, device=device, generator=eval_gen)
+        projections = projections / projections.norm(dim=0, keepdim=True)
+        ode_ladder = [1.0 - i / budget.teacher_ode_steps for i in range(budget.teacher_ode_steps)] + [0.0]
+        with torch.no_grad():
+            panels = {
+                "data": sample_data(budget.eval_samples, device, eval_gen),
+                f"teacher {budget.teacher_ode_steps}-step ODE": euler_ode(teacher, noise, ode_ladder),
+                "teacher 1-step (x0 at t=1)": euler_ode(teacher, noise, [1.0, 0.0]),
+                "DMD2 student 1-step": student_sample(student_1, noise, one_step),
+                "DMD2 student 4-step": student_sample(student_4, noise, four_step),
+            }
+        swd = {k: sliced_wasserstein(v, data, projections) for k, v in panels.items()}
+        names = list(panels)
+        result = {
+            "teacher_multistep_swd": swd[names[1]],
+            "teacher_onestep_swd": swd[names[2]],
+            "student_onestep_swd": swd[names[3]],
+            "student_multistep_swd": swd[names[4]],
+            "data_vs_data_swd": swd[names[0]],
+            "student_modes_covered": modes_covered(panels[names[3]]),
+            "student_multistep_modes_covered": modes_covered(panels[names[4]]),
+            "teacher_modes_covered": modes_covered(panels[names[1]]),
+            "n_modes": N_MODES,
+            "seconds": round(time.perf_counter() - start, 1),
+            "compiled": rt.compiled,
+            "quick": bool(args.quick),
+            "world_size": world,
+            "device": str(device),
+            "t_list_4step": four_step,
+        }
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_plot(out / "samples.png", {f"{k}\nSWD {swd[k]:.3f}": v for k, v in panels.items()})
+        print_summary(result, swd, out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def print_summary(result: dict, swd: dict[str, float], out: Path) -> None:
+    print("\nsliced W2 to fresh data (lower is better; data vs data is the noise floor)")
+    for name, value in swd.items():
+        print(f"  {name.replace(chr(10), ' '):34s} {value:.4f}")
+    ratio_t = result["student_onestep_swd"] / result["teacher_multistep_swd"]
+    ratio_b = result["student_onestep_swd"] / result["teacher_onestep_swd"]
+    print(f"  1-step student / teacher multi-step   {ratio_t:.2f}x  (target <= 1.5)")
+    print(f"  1-step student / teacher 1-step       {ratio_b:.2f}x  (target <= 0.33)")
+    print(f"  modes covered by the 1-step student   {result['student_modes_covered']}/{result['n_modes']}")
+    print(f"  {result['seconds']} s, compiled={result['compiled']}; wrote {out}/metrics.json and samples.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fastgen-demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="./fastgen-demo-out", help="output folder")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--no-compile", action="store_true", help="run the training steps eagerly")
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute, for CI)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shift", type=float, default=1.0, help="shift of the 4-step ladder")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""DMD2 losses: DSM targets per parameterization and the VSD gradient identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgen import dsm_loss, vsd_loss
+from fastgen.losses import VSD_WEIGHT_EPS
+
+
+def targets(x0, eps):
+    return {"x0": x0, "eps": eps, "flow": eps - x0}
+
+
+@pytest.mark.parametrize("pred_type", ["x0", "eps", "flow"])
+def test_dsm_loss_is_mse_to_the_right_target(pred_type):
+    x0, eps = torch.randn(8, 3, 4, dtype=torch.float64), torch.randn(8, 3, 4, dtype=torch.float64)
+    t = torch.rand(8, dtype=torch.float64)
+    target = targets(x0, eps)[pred_type]
+    assert dsm_loss(target, x0=x0, eps=eps, t=t, pred_type=pred_type) == 0
+    pred = target + torch.randn_like(target)
+    expected = ((pred - target) ** 2).mean()
+    torch.testing.assert_close(
+        dsm_loss(pred, x0=x0, eps=eps, t=t, pred_type=pred_type), expected, rtol=1e-15, atol=0
+    )
+    for other in {"x0", "eps", "flow"} - {pred_type}:  # and not against the other targets
+        assert dsm_loss(target, x0=x0, eps=eps, t=t, pred_type=other) > 0.1
+
+
+def test_dsm_loss_dtype_and_gradient():
+    x0, eps = torch.randn(8, 5), torch.randn(8, 5)
+    pred = torch.randn(8, 5, dtype=torch.bfloat16, requires_grad=True)
+    loss = dsm_loss(pred, x0=x0, eps=eps, t=torch.rand(8), pred_type="flow")
+    assert loss.dtype == torch.bfloat16 and loss.ndim == 0
+    loss.backward()
+    expected = 2 * (pred.detach().double() - (eps - x0).double()) / pred.numel()
+    torch.testing.assert_close(pred.grad.double(), expected, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_vsd_gradient_is_the_dmd_gradient_over_numel(dtype):
+    gen = torch.randn(6, 3, 4, 4, dtype=dtype, requires_grad=True)
+    teacher_x0 = torch.randn(6, 3, 4, 4, dtype=dtype, requires_grad=True)
+    fake_x0 = torch.randn(6, 3, 4, 4, dtype=dtype, requires_grad=True)
+    vsd_loss(gen, teacher_x0, fake_x0).backward()
+    g, r, f = (x.detach().double() for x in (gen, teacher_x0, fake_x0))
+    weight = 1.0 / ((g - r).abs().mean(dim=(1, 2, 3), keepdim=True) + VSD_WEIGHT_EPS)
+    dmd_grad = (f - r) * weight
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(gen.grad.double(), dmd_grad / gen.numel(), rtol=tol, atol=tol)
+    assert teacher_x0.grad is None and fake_x0.grad is None  # only the generator learns
+
+
+def test_vsd_loss_value_and_fixed_point():
+    gen = torch.randn(4, 10, dtype=torch.float64)
+    same = gen + torch.randn_like(gen)
+    assert vsd_loss(gen, same, same) == 0  # fake == real: nothing to match
+    teacher_x0, fake_x0 = torch.randn_like(gen), torch.randn_like(gen)
+    weight = 1.0 / ((gen - teacher_x0).abs().mean(dim=1, keepdim=True) + VSD_WEIGHT_EPS)
+    expected = 0.5 * (((fake_x0 - teacher_x0) * weight) ** 2).mean()
+    torch.testing.assert_close(vsd_loss(gen, teacher_x0, fake_x0), expected, rtol=1e-12, atol=0)
+
+
+def test_vsd_step_moves_gen_towards_the_teacher():
+    # a gradient step on the loss moves gen by -(fake - real) * w: towards real where fake is off
+    x0 = torch.randn(16, 2, dtype=torch.float64)
+    gen = (x0 + 1.0).requires_grad_()
+    teacher_x0, fake_x0 = x0, gen.detach()
+    vsd_loss(gen, teacher_x0, fake_x0).backward()
+    stepped = gen.detach() - 0.1 * gen.numel() * gen.grad
+    assert (stepped - x0).abs().mean() < (gen.detach() - x0).abs().mean()
+
+
+BAD = [
+    (
+        lambda: dsm_loss(
+            torch.zeros(2, 3),
+            x0=torch.zeros(2, 3),
+            eps=torch.zeros(2, 3),
+            t=torch.rand(2),
+            pred_type="v",
+        ),
+        ValueError,
+        "pred_type",
+    ),
+    (
+        lambda: dsm_loss(
+            torch.zeros(2, 3),
+            x0=torch.zeros(2, 4),
+            eps=torch.zeros(2, 3),
+            t=torch.rand(2),
+            pred_type="x0",
+        ),
+        ValueError,
+        "pred and x0 must have the same shape",
+    ),
+    (
+        lambda: dsm_loss(
+            torch.zeros(2, 3),
+            x0=torch.zeros(2, 3),
+            eps=torch.zeros(2, 3),
+            t=torch.rand(3),
+            pred_type="x0",
+        ),
+        ValueError,
+        "t cannot broadcast",
+    ),
+    (lambda: vsd_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4)), ValueError, "ndim >= 2"),
+    (
+        lambda: vsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 3)),
+        ValueError,
+        "gen and fake_x0",
+    ),
+    (
+        lambda: vsd_loss(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)),
+        TypeError,
+        "teacher_x0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "words"), BAD, ids=[b[2] for b in BAD])
+def test_bad_input(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
