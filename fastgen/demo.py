@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -51,9 +52,14 @@ class Budget:
     eval_samples: int
 
 
-DEFAULT = Budget(teacher_steps=3000, distill_updates=500, batch=1024, teacher_ode_steps=40, eval_samples=8192)
-QUICK = Budget(teacher_steps=800, distill_updates=100, batch=512, teacher_ode_steps=32, eval_samples=8192)
+DEFAULT = Budget(
+    teacher_steps=3000, distill_updates=500, batch=512, teacher_ode_steps=40, eval_samples=8192
+)
+QUICK = Budget(
+    teacher_steps=800, distill_updates=100, batch=512, teacher_ode_steps=32, eval_samples=8192
+)
 FAKE_UPDATES_PER_GEN = 5
+GEN_LR, FAKE_LR = 5e-4, 1e-3
 
 
 # --- data and metrics ------------------------------------------------------------------------
@@ -93,7 +99,9 @@ class VelocityMLP(nn.Module):
 
     def __init__(self, width: int = 256, n_freqs: int = 8) -> None:
         super().__init__()
-        self.register_buffer("freqs", 2.0 ** torch.arange(n_freqs, dtype=torch.float32) * math.pi, persistent=False)
+        self.register_buffer(
+            "freqs", 2.0 ** torch.arange(n_freqs, dtype=torch.float32) * math.pi, persistent=False
+        )
         self.net = nn.Sequential(
             nn.Linear(2 + 2 * n_freqs, width),
             nn.SiLU(),
@@ -112,7 +120,9 @@ class VelocityMLP(nn.Module):
 # --- samplers (written with the fastgen conversions) ----------------------------------------
 
 
-def euler_ode(model: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t_list: list[float]) -> Tensor:
+def euler_ode(
+    model: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t_list: list[float]
+) -> Tensor:
     """Deterministic RF sampling: each step re-noises the x0 estimate with the implied noise.
 
     ``add_noise(x0_hat, eps_hat, t_next)`` with ``x0_hat = x_t - t v`` and
@@ -120,7 +130,7 @@ def euler_ode(model: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t_list: li
     division, and returns ``x0_hat`` at ``t_next = 0``.
     """
     x = eps
-    for t_now, t_next in zip(t_list[:-1], t_list[1:]):
+    for t_now, t_next in itertools.pairwise(t_list):
         t = torch.full((x.shape[0],), t_now, device=x.device)
         flow = model(x, t)
         x0_hat = pred_x0_from_flow(flow, x, t)
@@ -129,10 +139,12 @@ def euler_ode(model: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t_list: li
     return x
 
 
-def student_sample(generator: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t_list: list[float]) -> Tensor:
+def student_sample(
+    generator: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t_list: list[float]
+) -> Tensor:
     """Few-step student: x0 at each rung, then ODE re-noising to the next (exact at t = 0)."""
     x = eps
-    for t_now, t_next in zip(t_list[:-1], t_list[1:]):
+    for t_now, t_next in itertools.pairwise(t_list):
         t = torch.full((x.shape[0],), t_now, device=x.device)
         x0_hat = pred_x0_from_flow(generator(x, t), x, t)
         x = add_noise(x0_hat, x0_to_eps(x0_hat, x, t), torch.full_like(t, t_next))
@@ -142,13 +154,17 @@ def student_sample(generator: Callable[[Tensor, Tensor], Tensor], eps: Tensor, t
 # --- training steps (each compiled as one graph) --------------------------------------------
 
 
-def teacher_loss(model: nn.Module, sampler: TimestepSampler, noiser: RFForward, x0: Tensor) -> Tensor:
+def teacher_loss(
+    model: nn.Module, sampler: TimestepSampler, noiser: RFForward, x0: Tensor
+) -> Tensor:
     eps = torch.randn_like(x0)
     t = sampler(x0)
     return dsm_loss(model(noiser(x0, eps, t), t), x0=x0, eps=eps, t=t, pred_type="flow")
 
 
-def fake_score_loss(fake: nn.Module, sampler: TimestepSampler, noiser: RFForward, gen: Tensor) -> Tensor:
+def fake_score_loss(
+    fake: nn.Module, sampler: TimestepSampler, noiser: RFForward, gen: Tensor
+) -> Tensor:
     """DSM of the fake score on (detached) generator samples: it learns the student's law."""
     eps = torch.randn_like(gen)
     t = sampler(gen)
@@ -220,7 +236,9 @@ def progress(total: int, desc: str, rt: Runtime):
 def train_teacher(rt: Runtime, budget: Budget) -> nn.Module:
     teacher = VelocityMLP().to(rt.device)
     model = rt.wrap(teacher)
-    sampler = TimestepSampler(SampleTimestepConfig(time_dist_type="logitnormal", min_t=0.0, max_t=1.0))
+    sampler = TimestepSampler(
+        SampleTimestepConfig(time_dist_type="logitnormal", min_t=0.0, max_t=1.0)
+    )
     noiser = RFForward()
     opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, budget.teacher_steps, eta_min=1e-5)
@@ -238,16 +256,24 @@ def train_teacher(rt: Runtime, budget: Budget) -> nn.Module:
     return teacher.requires_grad_(False).eval()
 
 
-def distill(rt: Runtime, budget: Budget, teacher: nn.Module, t_list: list[float], name: str) -> nn.Module:
+def distill(
+    rt: Runtime, budget: Budget, teacher: nn.Module, t_list: list[float], name: str
+) -> nn.Module:
     """DMD2: a student with ladder ``t_list`` (1 step: [0.999, 0])."""
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     gen_model, fake_model = rt.wrap(student), rt.wrap(fake)
     noiser = RFForward()
-    score_t = TimestepSampler(SampleTimestepConfig(time_dist_type="uniform", min_t=0.02, max_t=0.98))
+    score_t = TimestepSampler(
+        SampleTimestepConfig(time_dist_type="uniform", min_t=0.02, max_t=0.98)
+    )
     rungs = TimestepSampler(SampleTimestepConfig(t_list=t_list)).to(rt.device)
-    gen_opt = torch.optim.Adam(student.parameters(), lr=1e-4, betas=(0.0, 0.99))
-    fake_opt = torch.optim.Adam(fake.parameters(), lr=4e-4, betas=(0.0, 0.99))
+    gen_opt = torch.optim.Adam(student.parameters(), lr=GEN_LR, betas=(0.0, 0.99))
+    fake_opt = torch.optim.Adam(fake.parameters(), lr=FAKE_LR, betas=(0.0, 0.99))
+    # Decaying the generator's step lets it settle instead of orbiting the fake score.
+    gen_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        gen_opt, budget.distill_updates, GEN_LR / 20
+    )
 
     def gen_step(eps: Tensor) -> Tensor:
         gen = student_at_rungs(gen_model, rungs, eps)
@@ -270,6 +296,7 @@ def distill(rt: Runtime, budget: Budget, teacher: nn.Module, t_list: list[float]
             gen_opt.zero_grad(set_to_none=True)
             loss.backward()
             gen_opt.step()
+            gen_sched.step()
             bar.update()
             if i % 50 == 0:
                 bar.set_postfix(vsd=f"{loss.item():.3g}")
@@ -327,11 +354,15 @@ def run(args: argparse.Namespace) -> dict | None:
         noise = torch.randn(budget.eval_samples, 2, device=device, generator=eval_gen)
         projections = torch.randn(2, 256, device=device, generator=eval_gen)
         projections = projections / projections.norm(dim=0, keepdim=True)
-        ode_ladder = [1.0 - i / budget.teacher_ode_steps for i in range(budget.teacher_ode_steps)] + [0.0]
+        ode_ladder = [
+            1.0 - i / budget.teacher_ode_steps for i in range(budget.teacher_ode_steps)
+        ] + [0.0]
         with torch.no_grad():
             panels = {
                 "data": sample_data(budget.eval_samples, device, eval_gen),
-                f"teacher {budget.teacher_ode_steps}-step ODE": euler_ode(teacher, noise, ode_ladder),
+                f"teacher {budget.teacher_ode_steps}-step ODE": euler_ode(
+                    teacher, noise, ode_ladder
+                ),
                 "teacher 1-step (x0 at t=1)": euler_ode(teacher, noise, [1.0, 0.0]),
                 "DMD2 student 1-step": student_sample(student_1, noise, one_step),
                 "DMD2 student 4-step": student_sample(student_4, noise, four_step),
@@ -374,14 +405,20 @@ def print_summary(result: dict, swd: dict[str, float], out: Path) -> None:
     ratio_b = result["student_onestep_swd"] / result["teacher_onestep_swd"]
     print(f"  1-step student / teacher multi-step   {ratio_t:.2f}x  (target <= 1.5)")
     print(f"  1-step student / teacher 1-step       {ratio_b:.2f}x  (target <= 0.33)")
-    print(f"  modes covered by the 1-step student   {result['student_modes_covered']}/{result['n_modes']}")
-    print(f"  {result['seconds']} s, compiled={result['compiled']}; wrote {out}/metrics.json and samples.png")
+    print(
+        f"  modes covered by the 1-step student   {result['student_modes_covered']}/{result['n_modes']}"
+    )
+    print(
+        f"  {result['seconds']} s, compiled={result['compiled']}; wrote {out}/metrics.json and samples.png"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fastgen-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="./fastgen-demo-out", help="output folder")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="run the training steps eagerly")
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute, for CI)")
     parser.add_argument("--seed", type=int, default=0)

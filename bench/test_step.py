@@ -1,0 +1,89 @@
+"""A compiled training step with the fastgen helpers vs the same step on precomputed inputs.
+
+The difference is what sampling t, drawing noise, the forward process and the conversion cost
+inside a fused, compiled step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import median, run_timed
+from torch import nn
+
+import fastgen
+
+TOKENS, WIDTH = 64, 256
+
+
+class Block(nn.Module):
+    """A DiT-style MLP block with adaLN-like time modulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t_embed = nn.Sequential(nn.Linear(1, WIDTH), nn.SiLU(), nn.Linear(WIDTH, 2 * WIDTH))
+        self.norm = nn.LayerNorm(WIDTH, elementwise_affine=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH)
+        )
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.t_embed(t[:, None]).unsqueeze(1).chunk(2, dim=-1)
+        return self.mlp(self.norm(x_t) * (1 + scale) + shift)
+
+
+class WithHelpers(nn.Module):
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        self.block = block
+        self.sampler = fastgen.TimestepSampler(
+            fastgen.SampleTimestepConfig(time_dist_type="logitnormal")
+        )
+        self.noise = fastgen.RFForward()
+        self.to_x0 = fastgen.ParamConverter("flow", "x0")
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        t = self.sampler(x0)
+        eps = torch.randn_like(x0)
+        x_t = self.noise(x0, eps, t)
+        x0_hat = self.to_x0(self.block(x_t, t), x_t, t)
+        return torch.mean((x0_hat.float() - x0.float()) ** 2)
+
+
+class Precomputed(nn.Module):
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.mean((self.block(x_t, t).float() - target.float()) ** 2)
+
+
+@pytest.mark.parametrize("variant", ["precomputed", "with_helpers"])
+def test_training_step(benchmark, medians, device, is_smoke, variant):
+    batch = 4 if is_smoke else 32
+    block = Block().to(device)
+    x0 = torch.randn(batch, TOKENS, WIDTH, device=device)
+    if variant == "with_helpers":
+        step = torch.compile(WithHelpers(block), fullgraph=True)
+        args = (x0,)
+    else:
+        step = torch.compile(Precomputed(block), fullgraph=True)
+        t = torch.rand(batch, device=device)
+        eps = torch.randn_like(x0)
+        args = (fastgen.add_noise(x0, eps, t), t, eps - x0)
+
+    def train_step(*inputs):
+        loss = step(*inputs)
+        loss.backward()
+        return loss
+
+    benchmark.group = "training step"
+    benchmark.extra_info.update(variant=variant, batch=batch, tokens=TOKENS, width=WIDTH)
+    run_timed(benchmark, train_step, device, args)
+    m = median(benchmark)
+    if m is not None:
+        medians[("step", variant)] = m
+        if variant == "with_helpers" and ("step", "precomputed") in medians:
+            base = medians[("step", "precomputed")]
+            benchmark.extra_info["helpers_overhead_percent"] = 100 * (m - base) / base
