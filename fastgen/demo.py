@@ -46,20 +46,35 @@ class Budget:
     """How long each phase trains (the default run and ``--quick``)."""
 
     teacher_steps: int
-    distill_updates: int  # generator updates per student; 5 fake-score updates each
+    teacher_batch: int
+    onestep_updates: int  # generator updates of the 1-step student; 5 fake-score updates each
+    multistep_updates: int  # the same for the 4-step student
     batch: int
     teacher_ode_steps: int
     eval_samples: int
 
 
 DEFAULT = Budget(
-    teacher_steps=3000, distill_updates=500, batch=512, teacher_ode_steps=40, eval_samples=8192
+    teacher_steps=3000,
+    teacher_batch=1024,
+    onestep_updates=1000,
+    multistep_updates=500,
+    batch=1024,
+    teacher_ode_steps=40,
+    eval_samples=8192,
 )
 QUICK = Budget(
-    teacher_steps=800, distill_updates=100, batch=512, teacher_ode_steps=32, eval_samples=8192
+    teacher_steps=800,
+    teacher_batch=512,
+    onestep_updates=100,
+    multistep_updates=100,
+    batch=512,
+    teacher_ode_steps=32,
+    eval_samples=8192,
 )
 FAKE_UPDATES_PER_GEN = 5
 GEN_LR, FAKE_LR = 5e-4, 1e-3
+EMA_DECAY = 0.99  # the student that is evaluated is an EMA of the generator's weights
 
 
 # --- data and metrics ------------------------------------------------------------------------
@@ -97,7 +112,7 @@ def modes_covered(samples: Tensor) -> int:
 class VelocityMLP(nn.Module):
     """v(x_t, t): an MLP on the point and Fourier features of t."""
 
-    def __init__(self, width: int = 256, n_freqs: int = 8) -> None:
+    def __init__(self, width: int = 128, n_freqs: int = 8) -> None:
         super().__init__()
         self.register_buffer(
             "freqs", 2.0 ** torch.arange(n_freqs, dtype=torch.float32) * math.pi, persistent=False
@@ -245,7 +260,7 @@ def train_teacher(rt: Runtime, budget: Budget) -> nn.Module:
     step = rt.compile(teacher_loss)
     with progress(budget.teacher_steps, "teacher (RF)", rt) as bar:
         for i in range(budget.teacher_steps):
-            loss = step(model, sampler, noiser, sample_data(budget.batch, rt.device))
+            loss = step(model, sampler, noiser, sample_data(budget.teacher_batch, rt.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -257,9 +272,9 @@ def train_teacher(rt: Runtime, budget: Budget) -> nn.Module:
 
 
 def distill(
-    rt: Runtime, budget: Budget, teacher: nn.Module, t_list: list[float], name: str
+    rt: Runtime, budget: Budget, teacher: nn.Module, t_list: list[float], updates: int, name: str
 ) -> nn.Module:
-    """DMD2: a student with ladder ``t_list`` (1 step: [0.999, 0])."""
+    """DMD2: ``updates`` generator updates of a student with ladder ``t_list`` (1 step: [0.999, 0])."""
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     gen_model, fake_model = rt.wrap(student), rt.wrap(fake)
@@ -271,9 +286,7 @@ def distill(
     gen_opt = torch.optim.Adam(student.parameters(), lr=GEN_LR, betas=(0.0, 0.99))
     fake_opt = torch.optim.Adam(fake.parameters(), lr=FAKE_LR, betas=(0.0, 0.99))
     # Decaying the generator's step lets it settle instead of orbiting the fake score.
-    gen_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        gen_opt, budget.distill_updates, GEN_LR / 20
-    )
+    gen_sched = torch.optim.lr_scheduler.CosineAnnealingLR(gen_opt, updates, GEN_LR / 20)
 
     def gen_step(eps: Tensor) -> Tensor:
         gen = student_at_rungs(gen_model, rungs, eps)
@@ -285,8 +298,10 @@ def distill(
         return fake_score_loss(fake_model, score_t, noiser, gen)
 
     gen_step, fake_step = rt.compile(gen_step), rt.compile(fake_step)
-    with progress(budget.distill_updates, f"DMD2 {name}", rt) as bar:
-        for i in range(budget.distill_updates):
+    ema = copy.deepcopy(student).requires_grad_(False)
+    ema_params, params = list(ema.parameters()), list(student.parameters())
+    with progress(updates, f"DMD2 {name}", rt) as bar:
+        for i in range(updates):
             for _ in range(FAKE_UPDATES_PER_GEN):
                 loss = fake_step(torch.randn(budget.batch, 2, device=rt.device))
                 fake_opt.zero_grad(set_to_none=True)
@@ -297,10 +312,12 @@ def distill(
             loss.backward()
             gen_opt.step()
             gen_sched.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1.0 - EMA_DECAY)
             bar.update()
             if i % 50 == 0:
                 bar.set_postfix(vsd=f"{loss.item():.3g}")
-    return student.requires_grad_(False).eval()
+    return ema.eval()
 
 
 def save_plot(path: Path, panels: dict[str, Tensor]) -> None:
@@ -344,8 +361,8 @@ def run(args: argparse.Namespace) -> dict | None:
     teacher = train_teacher(rt, budget)
     one_step = make_t_list(1)
     four_step = make_t_list(4, shift=args.shift)
-    student_1 = distill(rt, budget, teacher, one_step, "1-step")
-    student_4 = distill(rt, budget, teacher, four_step, "4-step")
+    student_1 = distill(rt, budget, teacher, one_step, budget.onestep_updates, "1-step")
+    student_4 = distill(rt, budget, teacher, four_step, budget.multistep_updates, "4-step")
 
     result = None
     if rt.main:

@@ -168,6 +168,44 @@ def test_value_checks_are_skipped_under_compile():
     assert counter.frame_count == 1 and out.shape == x.shape
 
 
+class Wrap(nn.Module):
+    """A small module calling one public callable, for export."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def batched(make, b):
+    """The callable's example arguments with batch size b (every tensor's leading dim)."""
+    torch.manual_seed(b)
+    return tuple(torch.randn(b, *a.shape[1:], dtype=a.dtype).abs().clamp(max=1) for a in make())
+
+
+@pytest.mark.parametrize(("fn", "make"), DETERMINISTIC, ids=IDS)
+def test_no_recompile_across_batch_sizes_each_callable(fn, make):
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    for b in (2, 3, 8, 17):
+        args = batched(make, b)
+        assert torch.equal(compiled(*args), fn(*args))
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(("fn", "make"), DETERMINISTIC, ids=IDS)
+def test_export_each_callable_with_dynamic_batch(fn, make):
+    args = batched(make, 4)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(Wrap(fn), args, dynamic_shapes=tuple({0: batch} for _ in args))
+    for b in (2, 9):
+        new = batched(make, b)
+        assert torch.equal(exported.module()(*new), fn(*new))
+
+
 # --- inductor: a few cases, bitwise ----------------------------------------------------------
 
 
@@ -179,8 +217,15 @@ def test_inductor_bitwise_equal(dtype):
     flow = torch.randn_like(x0)  # an input: a bf16 op in user code would be rounded differently
 
     def step(x0, eps, flow, t):
+        # every public function, in one graph (one inductor compile per dtype)
         x_t = add_noise(x0, eps, t)
-        return x_t, convert_prediction(flow, x_t, t, src="flow", dst="eps"), x0_to_eps(x0, x_t, t)
+        outs = [x_t, rf_alpha(t), rf_sigma(t), expand_like(t, x0)]
+        outs += [
+            f(flow, x_t, t)
+            for f in (pred_noise_to_pred_x0, pred_x0_from_flow, x0_to_eps, x0_to_flow)
+        ]
+        outs += [convert_prediction(flow, x_t, t, src=s, dst=d) for s, d in PAIRS]
+        return outs  # (the losses reduce: inductor may sum in another order, so not bitwise)
 
     compiled = torch.compile(step, fullgraph=True)
     for a, b in zip(compiled(x0, eps, flow, t), step(x0, eps, flow, t)):
