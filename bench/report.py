@@ -44,18 +44,9 @@ def header(data: dict) -> str:
 def elementwise_table(benches: list[dict]) -> tuple[str, dict]:
     rows = defaultdict(dict)
     for b in benches:
-        name = b["name"]
         e = b.get("extra_info", {})
-        med = b["stats"]["median"]
-        if name.startswith("test_primitive"):
-            key = (e["op"], e["dtype"], e["numel"])
-            rows[key][e["mode"]] = (med, e)
-        elif name.startswith("test_fastgen_anchor"):
-            p = b["params"]
-            rows[("FastGen-style eager (anchor)", str(p["dtype"]), p["numel"])]["eager"] = (med, e)
-        elif name.startswith("test_copy"):
-            p = b["params"]
-            rows[("clone() (copy reference)", str(p["dtype"]), p["numel"])]["eager"] = (med, e)
+        if "op" in e and "numel" in e and not b["name"].startswith("test_training_step"):
+            rows[(e["op"], e["dtype"], e["numel"])][e["mode"]] = (b["stats"]["median"], e)
     out = [
         "| op | dtype | elements | eager | compiled | speedup | compiled GB/s | of copy BW | vs anchor | peak extra mem eager / compiled (× output) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
+from fastgen._rounding import round_once
+
 __all__ = [
     "DENOM_MIN",
     "add_noise",
@@ -214,7 +216,7 @@ def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
     _check_pair("x0", x0, "eps", eps)
     t64 = _t64(t, x0)
     x_t = (1.0 - t64) * x0.to(torch.float64) + t64 * eps.to(torch.float64)
-    return x_t.to(x0.dtype)
+    return round_once(x_t, x0.dtype)
 
 
 def pred_noise_to_pred_x0(pred_noise: Tensor, noisy_latents: Tensor, t: Tensor) -> Tensor:
@@ -245,7 +247,7 @@ def pred_noise_to_pred_x0(pred_noise: Tensor, noisy_latents: Tensor, t: Tensor) 
     x0 = (noisy_latents.to(torch.float64) - t64 * pred_noise.to(torch.float64)) / (
         1.0 - t64
     ).clamp_min(DENOM_MIN)
-    return x0.to(noisy_latents.dtype)
+    return round_once(x0, noisy_latents.dtype)
 
 
 def pred_x0_from_flow(pred_flow: Tensor, noisy_latents: Tensor, t: Tensor) -> Tensor:
@@ -274,7 +276,7 @@ def pred_x0_from_flow(pred_flow: Tensor, noisy_latents: Tensor, t: Tensor) -> Te
     _check_pair("pred_flow", pred_flow, "noisy_latents", noisy_latents)
     t64 = _t64(t, noisy_latents)
     x0 = noisy_latents.to(torch.float64) - t64 * pred_flow.to(torch.float64)
-    return x0.to(noisy_latents.dtype)
+    return round_once(x0, noisy_latents.dtype)
 
 
 def rf_alpha(t: Tensor) -> Tensor:
@@ -297,7 +299,7 @@ def rf_alpha(t: Tensor) -> Tensor:
     """
     _check_float_tensor("t", t)
     _check_t_values(t)
-    return (1.0 - t.to(torch.float64)).to(t.dtype)
+    return round_once(1.0 - t.to(torch.float64), t.dtype)
 
 
 def rf_sigma(t: Tensor) -> Tensor:
@@ -350,7 +352,7 @@ def x0_to_eps(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     _check_pair("x0", x0, "x_t", x_t)
     t64 = _t64(t, x_t)
     eps = (x_t.to(torch.float64) - (1.0 - t64) * x0.to(torch.float64)) / t64.clamp_min(DENOM_MIN)
-    return eps.to(x_t.dtype)
+    return round_once(eps, x_t.dtype)
 
 
 def x0_to_flow(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -383,7 +385,7 @@ def x0_to_flow(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     _check_pair("x0", x0, "x_t", x_t)
     t64 = _t64(t, x_t)
     flow = (x_t.to(torch.float64) - x0.to(torch.float64)) / t64.clamp_min(DENOM_MIN)
-    return flow.to(x_t.dtype)
+    return round_once(flow, x_t.dtype)
 
 
 def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst: Param) -> Tensor:
@@ -424,7 +426,7 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
     if src == dst:
         _check_pair("pred", pred, "x_t", x_t)
         _t64(t, x_t)
-        return pred.to(x_t.dtype)
+        return pred if pred.dtype == x_t.dtype else round_once(pred.to(torch.float64), x_t.dtype)
     if src == "flow" and dst == "x0":
         return pred_x0_from_flow(pred, x_t, t)
     if src == "eps" and dst == "x0":
@@ -439,7 +441,7 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
         out = x_t.to(torch.float64) + (1.0 - t64) * pred.to(torch.float64)
     else:  # eps -> flow
         out = (pred.to(torch.float64) - x_t.to(torch.float64)) / (1.0 - t64).clamp_min(DENOM_MIN)
-    return out.to(x_t.dtype)
+    return round_once(out, x_t.dtype)
 
 
 # The samplers live in their own file (one concern each) and join this module's namespace,

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fastgen._rounding import round_once
 from fastgen.flow_matching import _check_pair, _t64
 
 __all__ = ["VSD_WEIGHT_EPS", "dsm_loss", "vsd_loss"]
@@ -60,7 +61,7 @@ def dsm_loss(
         target = eps.to(torch.float64)
     else:
         target = eps.to(torch.float64) - x0.to(torch.float64)
-    return torch.mean((pred.to(torch.float64) - target) ** 2).to(pred.dtype)
+    return round_once(torch.mean((pred.to(torch.float64) - target) ** 2), pred.dtype)
 
 
 def vsd_loss(gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor) -> Tensor:
@@ -106,4 +107,4 @@ def vsd_loss(gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor) -> Tensor:
         norm = diff.abs().mean(dim=tuple(range(1, gen.ndim)), keepdim=True)
         grad = (fake_x0.detach().to(torch.float64) - teacher64) / (norm + VSD_WEIGHT_EPS)
         target = gen64.detach() - grad
-    return (0.5 * torch.mean((gen64 - target) ** 2)).to(gen.dtype)
+    return round_once(0.5 * torch.mean((gen64 - target) ** 2), gen.dtype)

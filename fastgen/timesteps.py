@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fastgen._rounding import round_once
 from fastgen.config import SampleTimestepConfig, check_t_list
 
 __all__ = ["make_t_list", "resolution_shift", "sample_from_t_list", "sample_timesteps"]
@@ -138,7 +139,7 @@ def _cast_inside(t: Tensor, lo: float, hi: float, dtype: torch.dtype) -> Tensor:
     """
     if dtype == torch.float64:
         return t
-    rounded = t.to(dtype)
+    rounded = round_once(t, dtype)
     as_int = torch.int16 if torch.finfo(dtype).bits == 16 else torch.int32
     bits = rounded.view(as_int)
     wide = rounded.to(torch.float64)
@@ -278,7 +279,7 @@ def sample_from_t_list(
     t = torch.full((n,), rungs[0], dtype=torch.float64, device=device)
     for k in range(1, len(rungs) - 1):
         t = torch.where(index == k, rungs[k], t)
-    t = t.to(dtype)
+    t = round_once(t, dtype)
     return (t, index) if return_index else t
 
 

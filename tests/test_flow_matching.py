@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import DTYPES
@@ -53,6 +54,24 @@ CONVERSIONS = [
 ]
 
 
+def correctly_rounded(ref64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float64 values to dtype once, independently of torch's conversions.
+
+    float16: numpy rounds float64 -> float16 directly. bfloat16 (8 exponent bits, 7 mantissa
+    bits): round the float64 bit pattern at mantissa bit 45, ties to even (normal range only).
+    """
+    if dtype in (torch.float64, torch.float32):
+        return ref64.to(dtype)  # a single IEEE rounding
+    values = ref64.detach().numpy()
+    if dtype == torch.float16:
+        return torch.from_numpy(values.astype(np.float16).astype(np.float64)).to(dtype)
+    assert np.all((np.abs(values) > 2.0**-126) | (values == 0)), "bf16 oracle covers normal values"
+    bits = values.view(np.uint64)
+    lsb = (bits >> np.uint64(45)) & np.uint64(1)
+    rounded = ((bits + np.uint64((1 << 44) - 1) + lsb) >> np.uint64(45)) << np.uint64(45)
+    return torch.from_numpy(rounded.view(np.float64)).to(dtype)  # exact: fits in bf16
+
+
 def within_one_ulp(out: torch.Tensor, ref64: torch.Tensor) -> bool:
     """|out - ref| <= one unit in the last place of out's dtype, at ref's magnitude."""
     info = torch.finfo(out.dtype)
@@ -79,9 +98,34 @@ def col(t, x):
 def test_add_noise_is_float64_formula_rounded_once(dtype):
     x0, eps, t = batch(dtype)
     out = add_noise(x0, eps, t)
-    ref = ref_add_noise(x0.double(), eps.double(), col(t, x0)).to(dtype)
+    ref = correctly_rounded(ref_add_noise(x0.double(), eps.double(), col(t, x0)), dtype)
     assert out.dtype == dtype
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounds_once_where_float32_would_round_twice(dtype):
+    # 1 + 2^-k + 2^-30 lies just above the midpoint between two bf16 (k=8) / fp16 (k=11) values;
+    # float32 rounds it onto the midpoint, and ties-to-even then goes down: one ulp off.
+    k = 8 if dtype == torch.bfloat16 else 11
+    x0, eps = torch.ones(1, 1, dtype=dtype), torch.full((1, 1), 2.0, dtype=dtype)
+    t = torch.tensor([2.0**-k + 2.0**-30], dtype=torch.float64)
+    exact = 1.0 + 2.0 ** (1 - k)  # the next value up
+    assert (1 + t.double()).to(dtype).item() == 1.0  # torch's own conversion rounds twice
+    assert add_noise(x0, eps, t).item() == exact
+    assert add_noise(x0, eps, t.float()).item() == exact  # t fits in float32 too
+    assert (
+        rf_alpha(torch.tensor([1 - 2.0**-k - 2.0**-30], dtype=torch.float64)).to(dtype).dtype
+        == dtype
+    )
+
+
+def test_rounding_keeps_gradients_and_signed_zero():
+    x0 = torch.full((2, 1), -0.0, dtype=torch.bfloat16, requires_grad=True)
+    out = add_noise(x0, torch.full((2, 1), -0.0, dtype=torch.bfloat16), torch.tensor([0.0, 1.0]))
+    assert torch.equal(torch.signbit(out), torch.ones(2, 1, dtype=torch.bool))
+    out.sum().backward()
+    assert torch.equal(x0.grad, torch.tensor([[1.0], [0.0]], dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -98,7 +142,9 @@ def test_conversions_within_one_ulp_of_float64(fn, ref, dtype):
     pred, x_t, t = batch(dtype)
     out = fn(pred, x_t, t)
     assert out.dtype == x_t.dtype
-    assert within_one_ulp(out, ref(pred.double(), x_t.double(), col(t, x_t)))
+    expected = ref(pred.double(), x_t.double(), col(t, x_t))
+    assert within_one_ulp(out, expected)
+    assert torch.equal(out, correctly_rounded(expected, dtype))
 
 
 @pytest.mark.parametrize(("fn", "ref"), CONVERSIONS, ids=lambda f: getattr(f, "__name__", ""))
@@ -121,14 +167,16 @@ def test_output_dtype_follows_x_t_for_mixed_inputs():
     for fn, ref in CONVERSIONS:
         out = fn(pred, x_t, t)
         assert out.dtype == torch.bfloat16
-        assert torch.equal(out, ref(pred.double(), x_t.double(), col(t, x_t)).to(torch.bfloat16))
+        assert torch.equal(
+            out, correctly_rounded(ref(pred.double(), x_t.double(), col(t, x_t)), torch.bfloat16)
+        )
     assert add_noise(x_t, pred, t).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rf_alpha_sigma(dtype):
     t = torch.rand(1000, dtype=torch.float64).to(dtype)
-    assert torch.equal(rf_alpha(t), (1 - t.double()).to(dtype))
+    assert torch.equal(rf_alpha(t), correctly_rounded(1 - t.double(), dtype))
     sigma = rf_sigma(t)
     assert torch.equal(sigma, t) and sigma.dtype == dtype
     assert sigma.data_ptr() != t.data_ptr()
