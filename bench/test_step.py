@@ -114,3 +114,51 @@ def test_training_step(benchmark, medians, device, is_smoke, variant):
             benchmark.extra_info["helpers_overhead_percent_min"] = (
                 100 * (stats.min - base_min) / base_min
             )
+
+
+def test_training_step_overhead_interleaved(benchmark, device, is_smoke):
+    """The helpers' overhead from alternating rounds, so machine drift hits both variants alike.
+
+    Each round times one precomputed step and one step with the helpers (noise drawn inside);
+    the overhead is the median over rounds of the per-round ratio.
+    """
+    import statistics
+    import time
+
+    batch = 4 if is_smoke else 32
+    block = Block().to(device)
+    x0 = torch.randn(batch, TOKENS, WIDTH, device=device)
+    with_helpers = torch.compile(WithHelpers(block), fullgraph=True)
+    given_noise = torch.compile(WithHelpersGivenNoise(block), fullgraph=True)
+    precomputed = torch.compile(Precomputed(block), fullgraph=True)
+    t = torch.rand(batch, device=device)
+    eps = torch.randn_like(x0)
+    pre_args = (fastgen.add_noise(x0, eps, t), t, eps - x0)
+
+    def timed(step, *args):
+        sync(device)
+        start = time.perf_counter()
+        step(*args).backward()
+        sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        timed(precomputed, *pre_args), timed(with_helpers, x0), timed(given_noise, x0, eps)
+    rounds = 3 if is_smoke else 60
+    base, full, no_rng = [], [], []
+    for _ in range(rounds):
+        base.append(timed(precomputed, *pre_args))
+        full.append(timed(with_helpers, x0))
+        no_rng.append(timed(given_noise, x0, eps))
+    benchmark.group = "training step (interleaved)"
+    benchmark.extra_info.update(
+        batch=batch,
+        rounds=rounds,
+        precomputed_ms=1e3 * statistics.median(base),
+        with_helpers_ms=1e3 * statistics.median(full),
+        given_noise_ms=1e3 * statistics.median(no_rng),
+        helpers_overhead_percent=100 * (statistics.median(f / b for f, b in zip(full, base)) - 1),
+        helpers_overhead_percent_given_noise=100
+        * (statistics.median(g / b for g, b in zip(no_rng, base)) - 1),
+    )
+    benchmark.pedantic(lambda: None, rounds=1)  # the figures above are the result
