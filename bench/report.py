@@ -87,7 +87,7 @@ def simple_table(benches: list[dict], prefix: str, columns: list[tuple[str, str,
         e = b.get("extra_info", {})
         cells = [fmt(e.get(key), spec) for _, key, spec in columns]
         lines.append(
-            f"| {b['name'].removeprefix(prefix)} | {fmt_time(b['stats']['median'])} | "
+            f"| {b['name'].removeprefix(prefix).strip('[]')} | {fmt_time(b['stats']['median'])} | "
             + " | ".join(cells)
             + " |"
         )
@@ -139,12 +139,22 @@ def main() -> None:
     )
     step = simple_table(
         benches,
-        "test_training_step",
+        "test_training_step[",
         [
             ("overhead % (medians)", "helpers_overhead_percent", ".1f"),
             ("overhead % (minima)", "helpers_overhead_percent_min", ".1f"),
         ],
     )
+    inter = [b for b in benches if b["name"].startswith("test_training_step_overhead_interleaved")]
+    if inter:
+        e = inter[0]["extra_info"]
+        step += (
+            f"\n\nInterleaved, {e['rounds']} rounds of (precomputed, with helpers, with helpers given "
+            f"the noise): medians {e['precomputed_ms']:.1f} / {e['with_helpers_ms']:.1f} / "
+            f"{e['given_noise_ms']:.1f} ms; median per-round overhead "
+            f"**{e['helpers_overhead_percent_given_noise']:.1f}%** for the helpers, "
+            f"{e['helpers_overhead_percent']:.1f}% when the step also draws its noise (`randn`)."
+        )
     md = [
         f"## {args.title or args.json.stem}",
         "",
