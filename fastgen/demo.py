@@ -239,7 +239,9 @@ class Runtime:
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def compile(self, fn):
-        return torch.compile(fn, fullgraph=True) if self.compiled else fn
+        # DDP's own forward (bucketing, logging) cannot be traced: under DDP the step compiles
+        # with graph breaks around it, and the fastgen helpers still fuse on either side.
+        return torch.compile(fn, fullgraph=self.world == 1) if self.compiled else fn
 
 
 def progress(total: int, desc: str, rt: Runtime):
