@@ -169,21 +169,17 @@ def student_sample(
 # --- training steps (each compiled as one graph) --------------------------------------------
 
 
-def teacher_loss(
+def denoising_loss(
     model: nn.Module, sampler: TimestepSampler, noiser: RFForward, x0: Tensor
 ) -> Tensor:
+    """Flow-matching DSM of ``model`` on samples ``x0``.
+
+    The teacher learns the data this way, and the fake score learns the (detached) generator
+    samples: the student's law.
+    """
     eps = torch.randn_like(x0)
     t = sampler(x0)
     return dsm_loss(model(noiser(x0, eps, t), t), x0=x0, eps=eps, t=t, pred_type="flow")
-
-
-def fake_score_loss(
-    fake: nn.Module, sampler: TimestepSampler, noiser: RFForward, gen: Tensor
-) -> Tensor:
-    """DSM of the fake score on (detached) generator samples: it learns the student's law."""
-    eps = torch.randn_like(gen)
-    t = sampler(gen)
-    return dsm_loss(fake(noiser(gen, eps, t), t), x0=gen, eps=eps, t=t, pred_type="flow")
 
 
 def generator_loss(
@@ -247,7 +243,10 @@ class Runtime:
 def progress(total: int, desc: str, rt: Runtime):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not rt.main, leave=True, dynamic_ncols=True)
+    # disable=None: shown on a terminal, silent in logs; only rank 0 reports.
+    return tqdm(
+        total=total, desc=desc, disable=None if rt.main else True, leave=True, dynamic_ncols=True
+    )
 
 
 def train_teacher(rt: Runtime, budget: Budget) -> nn.Module:
@@ -259,7 +258,7 @@ def train_teacher(rt: Runtime, budget: Budget) -> nn.Module:
     noiser = RFForward()
     opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, budget.teacher_steps, eta_min=1e-5)
-    step = rt.compile(teacher_loss)
+    step = rt.compile(denoising_loss)
     with progress(budget.teacher_steps, "teacher (RF)", rt) as bar:
         for i in range(budget.teacher_steps):
             loss = step(model, sampler, noiser, sample_data(budget.teacher_batch, rt.device))
@@ -297,7 +296,7 @@ def distill(
     def fake_step(eps: Tensor) -> Tensor:
         with torch.no_grad():
             gen = student_at_rungs(gen_model, rungs, eps)
-        return fake_score_loss(fake_model, score_t, noiser, gen)
+        return denoising_loss(fake_model, score_t, noiser, gen)
 
     gen_step, fake_step = rt.compile(gen_step), rt.compile(fake_step)
     ema = copy.deepcopy(student).requires_grad_(False)
