@@ -129,8 +129,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path)
     parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="rewrite the JSON without the per-round timings (stats stay): MBs -> KBs, for committing",
+    )
     args = parser.parse_args()
     data, benches = load(args.json)
+    if args.compact:
+        for b in benches:
+            b["stats"].pop("data", None)
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
     table, series = elementwise_table(benches)
     sampling = simple_table(
         benches,
