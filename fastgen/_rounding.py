@@ -16,19 +16,19 @@ def round_once(x: Tensor, dtype: torch.dtype) -> Tensor:
     extra integer ops fuse into the same kernel under ``torch.compile``. Gradients are those of
     the plain cast.
     """
-    nearest = x.to(dtype)
     if dtype not in (torch.bfloat16, torch.float16):
-        return nearest  # float64 -> float32 and float64 -> float64 are single roundings
+        return x.to(dtype)  # float64 -> float32 and float64 -> float64 are single roundings
     with torch.no_grad():
-        x = x.detach()
-        single = x.to(torch.float32)
+        exact = x.detach()
+        single = exact.to(torch.float32)
         bits = single.view(torch.int32)
         wide = single.to(torch.float64)
-        bits = torch.where(wide.abs() > x.abs(), bits - 1, bits)  # toward zero (sign-magnitude)
-        bits = torch.where(wide != x, bits | 1, bits)  # sticky bit
+        bits = torch.where(wide.abs() > exact.abs(), bits - 1, bits)  # toward zero (sign-magnitude)
+        bits = torch.where(wide != exact, bits | 1, bits)  # sticky bit
         once = bits.view(torch.float32).to(dtype)
-    if not nearest.requires_grad:
+    if not x.requires_grad:
         return once
+    nearest = x.to(dtype)
     # Straight through: the value of `once` (exact: the two differ by at most one ulp), the
     # gradient of the cast. Written as a - (a - b) so that a -0.0 keeps its sign.
     return nearest - (nearest.detach() - once)

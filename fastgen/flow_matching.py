@@ -182,12 +182,17 @@ def expand_like(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(*t.shape, *([1] * (x.ndim - t.ndim)))
 
 
-def _t64(t: Tensor, x: Tensor) -> Tensor:
-    """Validate ``t`` against the data ``x`` and return it in float64, broadcastable to ``x``."""
+def _check_t(t: Tensor, x: Tensor) -> Tensor:
+    """Validate ``t`` against the data ``x`` and return it broadcastable to ``x``."""
     _check_float_tensor("t", t)
     t = expand_like(t, x)
     _check_t_values(t)
-    return t.to(torch.float64)
+    return t
+
+
+def _t64(t: Tensor, x: Tensor) -> Tensor:
+    """:func:`_check_t`, in float64."""
+    return _check_t(t, x).to(torch.float64)
 
 
 def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -425,7 +430,7 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
             raise ValueError(f"{name} must be one of {_PARAMS}, got {value!r}")
     if src == dst:
         _check_pair("pred", pred, "x_t", x_t)
-        _t64(t, x_t)
+        _check_t(t, x_t)
         return pred if pred.dtype == x_t.dtype else round_once(pred.to(torch.float64), x_t.dtype)
     if src == "flow" and dst == "x0":
         return pred_x0_from_flow(pred, x_t, t)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fastgen._rounding import round_once
-from fastgen.flow_matching import _check_pair, _t64
+from fastgen.flow_matching import _check_pair, _check_t
 
 __all__ = ["VSD_WEIGHT_EPS", "dsm_loss", "vsd_loss"]
 
@@ -54,7 +54,7 @@ def dsm_loss(
         raise ValueError(f"pred_type must be one of {_PRED_TYPES}, got {pred_type!r}")
     _check_pair("pred", pred, "x0", x0)
     _check_pair("pred", pred, "eps", eps)
-    _t64(t, pred)
+    _check_t(t, pred)
     if pred_type == "x0":
         target = x0.to(torch.float64)
     elif pred_type == "eps":
