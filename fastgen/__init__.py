@@ -3,6 +3,9 @@ r"""fastgen: rectified-flow primitives for DMD2-style few-step distillation.
 Convention, stated once: :math:`x_t = (1 - t) x_0 + t \epsilon`, t in [0, 1] (t = 0 data,
 t = 1 noise), flow :math:`v = \epsilon - x_0`. All arithmetic in float64, rounded once to the
 output dtype; every public callable compiles with ``fullgraph=True`` and exports.
+
+:mod:`fastgen.dmd` holds the DMD2 step (``DMDPipeline``, ``DMDConfig``, EMA, recipes), with the
+public names of ``modelopt.torch.fastgen``.
 """
 
 from fastgen.config import ParamConverterConfig, SampleTimestepConfig
@@ -19,7 +22,21 @@ from fastgen.flow_matching import (
     x0_to_eps,
     x0_to_flow,
 )
-from fastgen.losses import dsm_loss, vsd_loss
+from fastgen.dmd import (
+    DistillationConfig,
+    DMDConfig,
+    DMDPipeline,
+    EMAConfig,
+    ExponentialMovingAverage,
+    FeatureCapture,
+    attach_feature_capture,
+    classifier_free_guidance,
+    create_fake_score,
+    list_recipes,
+    load_config,
+    load_dmd_config,
+)
+from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
 from fastgen.modules import ParamConverter, RFForward, TimestepSampler
 from fastgen.timesteps import make_t_list, resolution_shift, sample_from_t_list, sample_timesteps
 
@@ -52,4 +69,20 @@ __all__ = [
     # DMD2 losses
     "dsm_loss",
     "vsd_loss",
+    "gan_gen_loss",
+    "gan_disc_loss",
+    "r1_loss",
+    # the DMD2 step
+    "DistillationConfig",
+    "DMDConfig",
+    "EMAConfig",
+    "load_dmd_config",
+    "load_config",
+    "list_recipes",
+    "DMDPipeline",
+    "classifier_free_guidance",
+    "create_fake_score",
+    "ExponentialMovingAverage",
+    "FeatureCapture",
+    "attach_feature_capture",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["MODE_SCALE_MAX", "ParamConverterConfig", "SampleTimestepConfig", "check_t_list"]
 
@@ -82,11 +82,14 @@ class SampleTimestepConfig(BaseModel):
     (log t ~ N(mean, std)), ``shifted`` (shift-map of a uniform), ``polynomial`` (uniform on a
     1000-point grid), ``mode`` and ``cosmap`` (SD3's maps)."""
 
-    train_p_mean: float = 0.0
-    """Mean of the normal in logit space (``logitnormal``) or log space (``lognormal``)."""
+    train_p_mean: float = Field(0.0, validation_alias=AliasChoices("train_p_mean", "p_mean"))
+    """Mean of the normal in logit space (``logitnormal``) or log space (``lognormal``);
+    ``p_mean`` (modelopt's name) is accepted too."""
 
-    train_p_std: float = Field(1.0, gt=0.0)
-    """Standard deviation of that normal; > 0."""
+    train_p_std: float = Field(
+        1.0, gt=0.0, validation_alias=AliasChoices("train_p_std", "p_std")
+    )
+    """Standard deviation of that normal; > 0. ``p_std`` (modelopt's name) is accepted too."""
 
     shift: float = Field(5.0, gt=0.0)
     """``shifted``: t = shift * u / (1 + (shift - 1) * u); > 0, 1 is uniform, > 1 favours noise."""
@@ -108,6 +111,16 @@ class SampleTimestepConfig(BaseModel):
     """Draw the batch's uniforms one per stratum [i/n, (i+1)/n), randomly permuted: same
     distribution per sample, lower variance per batch."""
 
+    @property
+    def p_mean(self) -> float:
+        """modelopt's name for :attr:`train_p_mean`."""
+        return self.train_p_mean
+
+    @property
+    def p_std(self) -> float:
+        """modelopt's name for :attr:`train_p_std`."""
+        return self.train_p_std
+
     @model_validator(mode="before")
     @classmethod
     def _reject_edm_fields(cls, data: Any) -> Any:
@@ -116,6 +129,10 @@ class SampleTimestepConfig(BaseModel):
                 "log_t_df is FastGen's EDM-only option (Student-t log-sigma sampling); it has "
                 "no meaning under rectified flow: use time_dist_type instead"
             )
+        if isinstance(data, dict):
+            for name, alias in (("train_p_mean", "p_mean"), ("train_p_std", "p_std")):
+                if name in data and alias in data:
+                    raise ValueError(f"give {name} or its alias {alias}, not both")
         return data
 
     @field_validator("t_list", mode="before")

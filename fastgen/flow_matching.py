@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from fastgen._rounding import round_once
@@ -107,6 +108,8 @@ def _require_size(ok, what: str, a: Tensor, b: Tensor) -> None:
 def _check_pair(name_a: str, a: object, name_b: str, b: object) -> None:
     _check_float_tensor(name_a, a)
     _check_float_tensor(name_b, b)
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on one device, got {a.device} and {b.device}")
     what = f"{name_a} and {name_b} must have the same shape"
     if a.ndim != b.ndim:
         raise ValueError(f"{what}, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -119,6 +122,9 @@ def _should_check_values(t: Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
     if not _value_checks_enabled:
+        return False
+    # Meta and fake tensors (shape inference, meta-initialised models) have no values to read.
+    if t.is_meta or is_fake(t):
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -185,6 +191,9 @@ def expand_like(t: Tensor, x: Tensor) -> Tensor:
 def _check_t(t: Tensor, x: Tensor) -> Tensor:
     """Validate ``t`` against the data ``x`` and return it broadcastable to ``x``."""
     _check_float_tensor("t", t)
+    # A 0-d CPU t broadcasts to any device, as in torch; anything else must sit with the data.
+    if t.device != x.device and not (t.ndim == 0 and t.device.type == "cpu"):
+        raise ValueError(f"t is on {t.device} but the data is on {x.device}: move t to the data's device")
     t = expand_like(t, x)
     _check_t_values(t)
     return t

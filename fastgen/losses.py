@@ -1,5 +1,5 @@
 r"""DMD2 losses: denoising score matching for the fake score, distribution matching for the
-generator. Float64 inside, like the rest of fastgen; each loss is a 0-d tensor in the dtype of
+generator, and the GAN terms. Float64 inside, like the rest of fastgen; each loss is a 0-d tensor in the dtype of
 its first argument, and both compile with ``fullgraph=True``.
 """
 
@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen._rounding import round_once
-from fastgen.flow_matching import _check_pair, _check_t
+from fastgen.flow_matching import _check_float_tensor, _check_pair, _check_t, expand_like
 
-__all__ = ["VSD_WEIGHT_EPS", "dsm_loss", "vsd_loss"]
+__all__ = ["VSD_WEIGHT_EPS", "dsm_loss", "gan_disc_loss", "gan_gen_loss", "r1_loss", "vsd_loss"]
 
 # DMD2's guard on the per-sample normaliser mean |gen - teacher_x0|.
 VSD_WEIGHT_EPS = 1e-6
@@ -64,7 +65,9 @@ def dsm_loss(
     return round_once(torch.mean((pred.to(torch.float64) - target) ** 2), pred.dtype)
 
 
-def vsd_loss(gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor) -> Tensor:
+def vsd_loss(
+    gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor, additional_scale: Tensor | None = None
+) -> Tensor:
     r"""DMD2's distribution-matching gradient, written as a loss on the generator output.
 
     Without gradient: a per-sample weight and the score difference,
@@ -75,7 +78,8 @@ def vsd_loss(gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor) -> Tensor:
         \Delta = (\hat x_0^{\text{fake}} - \hat x_0^{\text{real}})\, w,
 
     then :math:`\mathcal{L} = \tfrac12 \operatorname{mean}\big((g - \operatorname{sg}(g - \Delta))^2\big)`,
-    so :math:`\partial \mathcal{L} / \partial g = \Delta / \text{numel}`. The weight and
+    so :math:`\partial \mathcal{L} / \partial g = \Delta / \text{numel}`. An
+    ``additional_scale`` ``[B]`` multiplies each sample's weight :math:`w`. The weight and
     :math:`\Delta` are computed in float64 (the DMD2 reference uses float32; float64 only
     removes round-off).
 
@@ -83,6 +87,7 @@ def vsd_loss(gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor) -> Tensor:
         gen: Generator output :math:`g`, shape ``[B, ...]`` with at least 2 dims.
         teacher_x0: The real (teacher) score's x0 prediction at a noised ``gen``, same shape.
         fake_x0: The fake score's x0 prediction at the same input, same shape.
+        additional_scale: Optional per-sample multiplier of the weight, shape ``[B]``.
 
     Returns:
         A 0-d tensor in ``gen``'s dtype; only ``gen`` receives gradient.
@@ -106,5 +111,92 @@ def vsd_loss(gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor) -> Tensor:
         diff = gen64.detach() - teacher64
         norm = diff.abs().mean(dim=tuple(range(1, gen.ndim)), keepdim=True)
         grad = (fake_x0.detach().to(torch.float64) - teacher64) / (norm + VSD_WEIGHT_EPS)
+        if additional_scale is not None:
+            _check_float_tensor("additional_scale", additional_scale)
+            grad = grad * expand_like(additional_scale.detach(), gen).to(torch.float64)
         target = gen64.detach() - grad
     return round_once(0.5 * torch.mean((gen64 - target) ** 2), gen.dtype)
+
+
+def _check_logits(name: str, logits: object) -> None:
+    _check_float_tensor(name, logits)
+    if logits.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [B, n_heads], got shape {tuple(logits.shape)}")
+
+
+def gan_gen_loss(fake_logits: Tensor) -> Tensor:
+    r"""Non-saturating GAN loss of the generator.
+
+    .. math::
+
+        \mathcal{L}_G = \operatorname{mean}\ \operatorname{softplus}(-D_{\text{fake}})
+
+    Args:
+        fake_logits: Discriminator logits on generated samples, ``[B, n_heads]``.
+
+    Returns:
+        A 0-d tensor in ``fake_logits``' dtype (float64 inside, one rounding).
+
+    Example:
+        >>> import torch
+        >>> round(float(gan_gen_loss(torch.zeros(2, 1))), 6)  # log 2
+        0.693147
+    """
+    _check_logits("fake_logits", fake_logits)
+    return round_once(F.softplus(-fake_logits.to(torch.float64)).mean(), fake_logits.dtype)
+
+
+def gan_disc_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    r"""GAN loss of the discriminator.
+
+    .. math::
+
+        \mathcal{L}_D = \operatorname{mean}\ \operatorname{softplus}(D_{\text{fake}})
+        + \operatorname{mean}\ \operatorname{softplus}(-D_{\text{real}})
+
+    Args:
+        real_logits: Logits on (noised) real samples, ``[B, n_heads]``.
+        fake_logits: Logits on (noised) generated samples, ``[B', n_heads]``.
+
+    Returns:
+        A 0-d tensor in ``real_logits``' dtype (float64 inside, one rounding).
+
+    Example:
+        >>> import torch
+        >>> round(float(gan_disc_loss(torch.zeros(2, 1), torch.zeros(2, 1))), 6)  # 2 log 2
+        1.386294
+    """
+    _check_logits("real_logits", real_logits)
+    _check_logits("fake_logits", fake_logits)
+    loss = F.softplus(fake_logits.to(torch.float64)).mean() + F.softplus(
+        -real_logits.to(torch.float64)
+    ).mean()
+    return round_once(loss, real_logits.dtype)
+
+
+def r1_loss(real_logits: Tensor, real_logits_perturbed: Tensor) -> Tensor:
+    r"""Approximate R1 penalty (APT; FastGen's and modelopt's form).
+
+    .. math::
+
+        \mathcal{L}_{R1} = \operatorname{mean}\big((D(x) - D(x + \alpha z))^2\big)
+
+    a finite-difference stand-in for the gradient norm of the discriminator on real data.
+
+    Args:
+        real_logits: Logits on real data, ``[B, n_heads]``.
+        real_logits_perturbed: Logits on the same data plus ``alpha * N(0, 1)``, same shape.
+
+    Returns:
+        A 0-d tensor in ``real_logits``' dtype (float64 inside, one rounding).
+
+    Example:
+        >>> import torch
+        >>> r1_loss(torch.ones(2, 1), torch.zeros(2, 1))
+        tensor(1.)
+    """
+    _check_logits("real_logits", real_logits)
+    _check_logits("real_logits_perturbed", real_logits_perturbed)
+    _check_pair("real_logits", real_logits, "real_logits_perturbed", real_logits_perturbed)
+    diff = real_logits.to(torch.float64) - real_logits_perturbed.to(torch.float64)
+    return round_once(torch.mean(diff**2), real_logits.dtype)

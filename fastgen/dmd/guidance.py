@@ -1,0 +1,57 @@
+r"""Classifier-free guidance, DMD2's convention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastgen._rounding import round_once
+from fastgen.flow_matching import _check_pair, expand_like
+
+__all__ = ["check_scale", "classifier_free_guidance"]
+
+
+def check_scale(name: str, scale: object) -> None:
+    """Raise ``TypeError`` unless ``scale`` is a finite real number.
+
+    The finiteness check runs in eager mode only: under ``torch.compile`` a float argument
+    may be a symbol whose value is not known while tracing.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name} must be a finite float, got {scale!r}")
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):
+        raise TypeError(f"{name} must be a finite float, got {scale!r}")
+
+
+def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float | Tensor) -> Tensor:
+    r"""Guide a conditional prediction away from the unconditional one.
+
+    .. math::
+
+        \hat y = y_c + (s - 1)\,(y_c - y_u)
+
+    (equal to the usual :math:`y_u + s (y_c - y_u)`; ``s = 1`` returns :math:`y_c`).
+
+    Args:
+        cond: Conditional prediction, shape ``[B, ...]``.
+        uncond: Unconditional prediction, same shape.
+        scale: The guidance scale: a finite float, or a tensor ``[B]`` (one per sample).
+
+    Returns:
+        The guided prediction in ``cond``'s dtype: the float64 value rounded once.
+
+    Example:
+        >>> import torch
+        >>> classifier_free_guidance(torch.tensor([[2.0]]), torch.tensor([[1.0]]), 3.0)
+        tensor([[4.]])
+    """
+    _check_pair("cond", cond, "uncond", uncond)
+    if isinstance(scale, Tensor):
+        s = expand_like(scale, cond).to(torch.float64)
+    else:
+        check_scale("scale", scale)
+        s = scale
+    cond64 = cond.to(torch.float64)
+    return round_once(cond64 + (s - 1.0) * (cond64 - uncond.to(torch.float64)), cond.dtype)

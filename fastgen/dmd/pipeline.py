@@ -1,0 +1,485 @@
+r"""The DMD2 training step as three loss calls: student, fake score, discriminator.
+
+:class:`DMDPipeline` holds the networks and the config; the caller owns optimizers, the 5:1
+alternation and the loop. Every ``compute_*`` is one ``torch.compile(fullgraph=True)`` frame
+with the user's networks inside: no host sync, no Python branch on tensor values, and the same
+sequence of network calls on every rank (so FSDP's collectives line up without a broadcast).
+
+Student input (``student_sample_steps`` = K):
+
+- K = 1: :math:`t_s = \text{max\_t}`, :math:`x_s = \text{max\_t}\,\epsilon`.
+- K > 1: each sample draws its own rung :math:`k \sim U\{0..K-1\}` of ``t_list`` and
+  :math:`x_s = \text{add\_noise}(x_0, \epsilon, t_k)` on real latents, or, with
+  ``backward_simulation``, on the current student's own sample: the student is unrolled without
+  grad from pure noise through rungs :math:`0..K-2` (always all of them, so the graph and the
+  call count do not depend on the draw), each sample keeps the x0 produced after its k-th call,
+  and rung 0 starts from :math:`t_0 \epsilon`. Cost: K - 1 gradient-free student forwards per
+  loss call (a batch-shared rung averages (K - 1) / 2, but needs a host read and a graph per
+  rung).
+
+Then :math:`g = \hat x_0^{\text{student}}(x_s, t_s)`, :math:`t \sim` ``sample_t_cfg``,
+:math:`x_t = \text{add\_noise}(g, \epsilon', t)`, and
+
+.. math::
+
+    \mathcal{L}_{\text{student}} = \text{vsd}\big(g,\ \text{cfg}(\hat x_0^{\text{teacher}}),\
+    \hat x_0^{\text{fake}}\big) + \lambda_{\text{gan}}\, \text{softplus}(-D(\phi(x_t)))
+
+Teacher and fake-score x0 and the guidance are computed in float64 and enter the VSD loss
+unrounded; every loss is rounded once to the latents' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastgen._rounding import round_once
+from fastgen.dmd.capture import FeatureCapture, feature_capture_of
+from fastgen.dmd.config import DMDConfig
+from fastgen.dmd.ema import ExponentialMovingAverage
+from fastgen.dmd.guidance import check_scale, classifier_free_guidance
+from fastgen.flow_matching import _check_pair, add_noise, convert_prediction, x0_to_eps
+from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
+from fastgen.timesteps import sample_from_t_list, sample_timesteps
+
+__all__ = ["DMDPipeline"]
+
+# The keyword arguments the pipeline itself passes to every network.
+_RESERVED = ("hidden_states", "timestep", "encoder_hidden_states")
+
+
+def _flow_name(pred_type: str) -> str:
+    return "flow" if pred_type == "v" else pred_type
+
+
+def _unwrap_output(out: Any, role: str) -> Tensor:
+    """A diffusers-style output: a tensor, a tuple (first element), or ``.sample``."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) > 0 and isinstance(out[0], Tensor):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, Tensor):
+        return sample
+    raise TypeError(
+        f"the {role} returned {type(out).__name__}; expected a Tensor, a tuple whose first "
+        f"element is a Tensor, or an object with a .sample Tensor (diffusers' outputs)"
+    )
+
+
+class DMDPipeline:
+    """DMD2's three losses around a student, a frozen teacher, a fake score (and a discriminator).
+
+    Not an ``nn.Module``: it holds references. The teacher is frozen here (``eval()``,
+    ``requires_grad_(False)``). Networks are called diffusers-style, by keyword:
+    ``model(hidden_states=x_t, timestep=t, encoder_hidden_states=c, **model_kwargs)``, and may
+    return a tensor, a tuple or an object with ``.sample``. With ``num_train_timesteps`` set,
+    ``timestep`` is ``t * num_train_timesteps`` in float32 (``config.timestep_dtype``).
+
+    Args:
+        student: The generator being trained (also the one unrolled for backward simulation).
+        teacher: The pretrained model; for the GAN branch, with a feature capture attached
+            (:func:`~fastgen.dmd.attach_feature_capture`).
+        fake_score: Trained to follow the student's distribution
+            (:func:`~fastgen.dmd.create_fake_score`).
+        config: The hyperparameters.
+        discriminator: Maps the captured teacher features (a list of tensors) to logits
+            ``[B, n_heads]``; required when ``config.gan_loss_weight_gen > 0``.
+
+    Raises:
+        TypeError: A network is not an ``nn.Module`` or ``config`` is not a ``DMDConfig``.
+        ValueError: The GAN branch is on without a discriminator or a teacher feature capture.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(4, 4)
+        ...     def forward(self, hidden_states, timestep, encoder_hidden_states=None):
+        ...         return self.lin(hidden_states) * timestep[:, None]
+        >>> teacher = Net()
+        >>> pipe = DMDPipeline(Net(), teacher, Net(), DMDConfig())
+        >>> losses = pipe.compute_student_loss(torch.randn(8, 4), torch.randn(8, 4))
+        >>> sorted(losses), losses["total"].shape
+        (['total', 'vsd'], torch.Size([]))
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        fake_score: nn.Module,
+        config: DMDConfig,
+        *,
+        discriminator: nn.Module | None = None,
+    ) -> None:
+        for name, net in (("student", student), ("teacher", teacher), ("fake_score", fake_score)):
+            if not isinstance(net, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(net).__name__}")
+        if discriminator is not None and not isinstance(discriminator, nn.Module):
+            raise TypeError(
+                f"discriminator must be an nn.Module or None, got {type(discriminator).__name__}"
+            )
+        if not isinstance(config, DMDConfig):
+            raise TypeError(f"config must be a DMDConfig, got {type(config).__name__}")
+        self.student = student
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.fake_score = fake_score
+        self.discriminator = discriminator
+        self.config = config
+        self._gan = config.gan_loss_weight_gen > 0
+        self._capture: FeatureCapture | None = feature_capture_of(teacher)
+        if self._gan and discriminator is None:
+            raise ValueError("gan_loss_weight_gen > 0 needs a discriminator= for DMDPipeline")
+        if discriminator is not None and self._capture is None:
+            raise ValueError(
+                "a discriminator reads teacher features: attach a capture to the teacher first, "
+                "fastgen.dmd.attach_feature_capture(teacher, taps=[...])"
+            )
+        # Constants the hot path branches on, fixed once (static under torch.compile).
+        self._pred = _flow_name(config.pred_type)
+        self._fake_pred = _flow_name(config.fake_score_pred_type or config.pred_type)
+        self._steps = config.student_sample_steps
+        self._t_list = config.sample_t_cfg.t_list
+        self._max_t = config.sample_t_cfg.max_t
+        self._t_scale = config.num_train_timesteps
+        self._ema = ExponentialMovingAverage(student, config.ema) if config.ema else None
+        self._iteration = 0
+
+    # --- properties ---------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the student's first parameter (CPU for a parameterless student)."""
+        for p in self.student.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the student's first parameter (float32 for a parameterless student)."""
+        for p in self.student.parameters():
+            return p.dtype
+        return torch.float32
+
+    @property
+    def ema(self) -> ExponentialMovingAverage | None:
+        """The student's EMA (``None`` when ``config.ema`` is ``None``)."""
+        return self._ema
+
+    def sample_timesteps(
+        self, n: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """``n`` perturbation timesteps from ``config.sample_t_cfg`` (on the student's device)."""
+        return sample_timesteps(
+            n, self.config.sample_t_cfg, device=device or self.device, dtype=dtype
+        )
+
+    # --- network calls ------------------------------------------------------------------
+
+    def _timestep(self, t: Tensor, x_t: Tensor) -> Tensor:
+        if self._t_scale is None:
+            return t
+        dtype = torch.float32 if self.config.timestep_dtype == "float32" else x_t.dtype
+        return round_once(t.to(torch.float64) * float(self._t_scale), dtype)
+
+    def _call(
+        self,
+        model: nn.Module,
+        role: str,
+        x_t: Tensor,
+        t: Tensor,
+        encoder_hidden_states: Tensor | None,
+        model_kwargs: dict[str, Any],
+    ) -> Tensor:
+        """Run ``model`` on ``(x_t, t)`` and return its raw prediction (checked)."""
+        kwargs = dict(model_kwargs)
+        kwargs["hidden_states"] = x_t
+        kwargs["timestep"] = self._timestep(t, x_t)
+        if encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = encoder_hidden_states
+        raw = _unwrap_output(model(**kwargs), role)
+        _check_pair(f"{role} output", raw, "hidden_states", x_t)
+        return raw
+
+    def _x0(self, raw: Tensor, x_t: Tensor, t: Tensor, *, exact: bool = False) -> Tensor:
+        """x0 from a raw prediction; ``exact``: kept in float64 (not rounded)."""
+        ref = x_t.to(torch.float64) if exact else x_t
+        return convert_prediction(raw, ref, t, src=self._pred, dst="x0")
+
+    def _student_x0(self, x_t, t, ehs, model_kwargs) -> Tensor:
+        return self._x0(self._call(self.student, "student", x_t, t, ehs, model_kwargs), x_t, t)
+
+    # --- the student's input ------------------------------------------------------------
+
+    def _rung_index_mask(self, k: Tensor, j: int, like: Tensor) -> Tensor:
+        return (k == j).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def _student_input(
+        self, latents: Tensor, noise: Tensor, ehs: Tensor | None, model_kwargs: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        n = latents.shape[0]
+        if self._steps == 1:
+            t_s = torch.full((n,), self._max_t, device=noise.device, dtype=torch.float32)
+            return round_once(noise.to(torch.float64) * self._max_t, noise.dtype), t_s
+        t_s, k = sample_from_t_list(
+            n, self._t_list, device=noise.device, dtype=torch.float32, return_index=True
+        )
+        if not self.config.backward_simulation:
+            return add_noise(latents, noise, t_s), t_s
+        ladder = self._t_list
+        pure = round_once(noise.to(torch.float64) * ladder[0], noise.dtype)
+        with torch.no_grad():
+            # Fresh noise for the unroll: the student's own sample, independent of `noise`.
+            x = round_once(torch.randn_like(noise, dtype=torch.float64) * ladder[0], noise.dtype)
+            x0_at_k = torch.zeros_like(noise)
+            for j in range(self._steps - 1):
+                t_j = torch.full((n,), ladder[j], device=noise.device, dtype=torch.float32)
+                x0_hat = self._student_x0(x, t_j, ehs, model_kwargs)
+                x0_at_k = torch.where(self._rung_index_mask(k, j + 1, noise), x0_hat, x0_at_k)
+                if j + 1 < self._steps - 1:
+                    if self.config.student_sample_type == "ode":
+                        step_noise = x0_to_eps(x0_hat, x, t_j)
+                    else:
+                        step_noise = torch.randn_like(noise)
+                    t_next = torch.full_like(t_j, ladder[j + 1])
+                    x = add_noise(x0_hat, step_noise, t_next)
+            x_s = torch.where(
+                self._rung_index_mask(k, 0, noise), pure, add_noise(x0_at_k, noise, t_s)
+            )
+        return x_s, t_s
+
+    # --- checks (shapes and types: static, so they cost nothing under compile) --------------
+
+    def _check_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        for name in _RESERVED:
+            if name in model_kwargs:
+                raise TypeError(f"{name} is set by the pipeline; do not pass it in **model_kwargs")
+
+    # --- the losses -----------------------------------------------------------------------
+
+    def compute_student_loss(
+        self,
+        latents: Tensor,
+        noise: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        *,
+        negative_encoder_hidden_states: Tensor | None = None,
+        negative_encoder_hidden_states_mask: Tensor | None = None,
+        guidance_scale: float | None = None,
+        negative_model_kwargs: dict[str, Any] | None = None,
+        **model_kwargs: Any,
+    ) -> dict[str, Tensor]:
+        r"""The student's loss: VSD against the (guided) teacher, plus the GAN term.
+
+        Gradients reach the student only (through its x0 and, with the GAN branch, through the
+        teacher's features into the discriminator's logits; teacher and discriminator weights
+        receive none as long as they do not require grad).
+
+        Args:
+            latents: Real latents ``x0`` ``[B, ...]`` (used by multi-step students).
+            noise: Gaussian noise, same shape: the student's input noise.
+            encoder_hidden_states: Conditioning for every network.
+            negative_encoder_hidden_states: Conditioning of the unconditional teacher call;
+                required when guidance is on.
+            negative_encoder_hidden_states_mask: Replaces ``encoder_hidden_states_mask`` in the
+                unconditional call (otherwise that key is dropped there, as is
+                ``txt_seq_lens``, which describe the positive prompt).
+            guidance_scale: Overrides ``config.guidance_scale`` for this call.
+            negative_model_kwargs: Keyword arguments that replace ``model_kwargs`` entries in the
+                unconditional call (for example negative ``pooled_projections``).
+            **model_kwargs: Passed to every network call.
+
+        Returns:
+            ``{"vsd", "total"}`` (+ ``"gan_gen"``, in the logits' dtype), 0-d tensors in
+            ``latents``' dtype.
+
+        Raises:
+            ValueError: Guidance on without negative conditioning; mismatched shapes.
+            TypeError: A network returned no tensor; a reserved keyword in ``model_kwargs``.
+        """
+        _check_pair("latents", latents, "noise", noise)
+        self._check_kwargs(model_kwargs)
+        scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        if scale is not None:
+            check_scale("guidance_scale", scale)
+            if negative_encoder_hidden_states is None:
+                raise ValueError(
+                    f"guidance_scale = {scale} needs negative_encoder_hidden_states (the "
+                    "unconditional teacher call's conditioning)"
+                )
+        ehs = encoder_hidden_states
+        x_s, t_s = self._student_input(latents, noise, ehs, model_kwargs)
+        gen = self._student_x0(x_s, t_s, ehs, model_kwargs)
+
+        t = self.sample_timesteps(latents.shape[0], device=latents.device)
+        eps = torch.randn_like(latents)
+        # The GAN term differentiates through the teacher's features of x_t; VSD does not.
+        x_t = add_noise(gen if self._gan else gen.detach(), eps, t)
+        with torch.no_grad():
+            fake_x0 = self._x0(
+                self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs),
+                x_t, t, exact=True,
+            )
+        features = None
+        if self._gan:
+            raw, features = self._capture.run(
+                lambda: self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
+            )
+            teacher_x0 = self._x0(raw.detach(), x_t.detach(), t, exact=True)
+        else:
+            with torch.no_grad():
+                raw = self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
+                teacher_x0 = self._x0(raw, x_t, t, exact=True)
+        if scale is not None:
+            neg_kwargs = dict(model_kwargs)
+            neg_kwargs.pop("txt_seq_lens", None)
+            neg_kwargs.pop("encoder_hidden_states_mask", None)
+            if negative_encoder_hidden_states_mask is not None:
+                neg_kwargs["encoder_hidden_states_mask"] = negative_encoder_hidden_states_mask
+            neg_kwargs.update(negative_model_kwargs or {})
+            self._check_kwargs(neg_kwargs)
+            with torch.no_grad():
+                x_t_ng = x_t.detach()
+                uncond = self._x0(
+                    self._call(
+                        self.teacher, "teacher", x_t_ng, t, negative_encoder_hidden_states,
+                        neg_kwargs,
+                    ),
+                    x_t_ng, t, exact=True,
+                )
+            teacher_x0 = classifier_free_guidance(teacher_x0, uncond, scale)
+        vsd = vsd_loss(gen, teacher_x0, fake_x0)
+        if not self._gan:
+            return {"vsd": vsd, "total": vsd}
+        gan_gen = gan_gen_loss(self.discriminator(features))
+        total = round_once(
+            vsd.to(torch.float64) + self.config.gan_loss_weight_gen * gan_gen.to(torch.float64),
+            vsd.dtype,
+        )
+        return {"vsd": vsd, "gan_gen": gan_gen, "total": total}
+
+    def compute_fake_score_loss(
+        self,
+        latents: Tensor,
+        noise: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> dict[str, Tensor]:
+        """The fake score's denoising loss on (detached) student samples.
+
+        The fake score's raw output (in ``pred_type``) is converted to ``fake_score_pred_type``
+        and regressed on that parameterization's target. Gradients reach the fake score only.
+
+        Args:
+            latents: Real latents ``[B, ...]`` (used by multi-step students).
+            noise: Gaussian noise, same shape: the student's input noise.
+            encoder_hidden_states: Conditioning for every network.
+            **model_kwargs: Passed to every network call.
+
+        Returns:
+            ``{"fake_score", "total"}``, 0-d tensors in ``latents``' dtype.
+        """
+        _check_pair("latents", latents, "noise", noise)
+        self._check_kwargs(model_kwargs)
+        ehs = encoder_hidden_states
+        with torch.no_grad():
+            x_s, t_s = self._student_input(latents, noise, ehs, model_kwargs)
+            gen = self._student_x0(x_s, t_s, ehs, model_kwargs)
+            t = self.sample_timesteps(latents.shape[0], device=latents.device)
+            eps = torch.randn_like(latents)
+            x_t = add_noise(gen, eps, t)
+        raw = self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs)
+        pred = convert_prediction(raw, x_t, t, src=self._pred, dst=self._fake_pred)
+        loss = dsm_loss(pred, x0=gen, eps=eps, t=t, pred_type=self._fake_pred)
+        return {"fake_score": loss, "total": loss}
+
+    def compute_discriminator_loss(
+        self,
+        latents: Tensor,
+        noise: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> dict[str, Tensor]:
+        r"""The discriminator's loss on teacher features of noised fake and real samples.
+
+        .. math::
+
+            \mathcal{L}_D = \text{softplus}(D(\phi(x_t^{\text{fake}}))) +
+            \text{softplus}(-D(\phi(x_t^{\text{real}}))) + \lambda_{R1}\,
+            \text{mean}\big((D(\phi(x_t^{\text{real}})) - D(\phi(x_0 + \alpha z)))^2\big)
+
+        Real latents are noised with the fake branch's ``t`` and noise when
+        ``gan_use_same_t_noise``, with fresh draws otherwise. The R1 branch (FastGen's
+        approximate R1) feeds ``latents + alpha * z`` to the teacher at the real branch's ``t``.
+        Gradients reach the discriminator only.
+
+        Returns:
+            ``{"gan_disc", "total"}`` (+ ``"r1"``), 0-d tensors in the logits' dtype.
+
+        Raises:
+            ValueError: No discriminator was given to the pipeline.
+        """
+        if self.discriminator is None:
+            raise ValueError(
+                "compute_discriminator_loss needs a discriminator: DMDPipeline(..., "
+                "discriminator=D) with a feature capture on the teacher"
+            )
+        _check_pair("latents", latents, "noise", noise)
+        self._check_kwargs(model_kwargs)
+        ehs = encoder_hidden_states
+        n = latents.shape[0]
+
+        def features(x_t: Tensor, t: Tensor) -> list[Tensor]:
+            _, feats = self._capture.run(
+                lambda: self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
+            )
+            return feats
+
+        with torch.no_grad():
+            x_s, t_s = self._student_input(latents, noise, ehs, model_kwargs)
+            gen = self._student_x0(x_s, t_s, ehs, model_kwargs)
+            t = self.sample_timesteps(n, device=latents.device)
+            eps = torch.randn_like(latents)
+            fake_feats = features(add_noise(gen, eps, t), t)
+            if self.config.gan_use_same_t_noise:
+                t_real, eps_real = t, eps
+            else:
+                t_real = self.sample_timesteps(n, device=latents.device)
+                eps_real = torch.randn_like(latents)
+            real_feats = features(add_noise(latents, eps_real, t_real), t_real)
+        real_logits = self.discriminator(real_feats)
+        disc = gan_disc_loss(real_logits, self.discriminator(fake_feats))
+        if self.config.gan_r1_reg_weight <= 0:
+            return {"gan_disc": disc, "total": disc}
+        with torch.no_grad():
+            z = torch.randn_like(latents)
+            perturbed = round_once(
+                latents.to(torch.float64) + self.config.gan_r1_reg_alpha * z.to(torch.float64),
+                latents.dtype,
+            )
+            perturbed_feats = features(perturbed, t_real)
+        r1 = r1_loss(real_logits, self.discriminator(perturbed_feats))
+        total = round_once(
+            disc.to(torch.float64) + self.config.gan_r1_reg_weight * r1.to(torch.float64),
+            disc.dtype,
+        )
+        return {"gan_disc": disc, "r1": r1, "total": total}
+
+    # --- EMA ------------------------------------------------------------------------------
+
+    def update_ema(self, *, iteration: int | None = None) -> None:
+        """Fold the student's weights into its EMA (no-op without ``config.ema``).
+
+        Args:
+            iteration: The update's number; by default an internal counter (1, 2, ...).
+        """
+        if self._ema is None:
+            return
+        self._iteration = self._iteration + 1 if iteration is None else iteration
+        self._ema.update(self.student, iteration=self._iteration)

@@ -1,0 +1,104 @@
+"""Test networks shared by several test files: a diffusers-shaped toy DiT and a toy discriminator.
+
+``ToyDiT`` is called like diffusers' transformers (``hidden_states=``, ``timestep=``,
+``encoder_hidden_states=``, optional ``pooled_projections=``) and returns an object with
+``.sample`` (or a tuple with ``return_dict=False``); its blocks sit in ``transformer_blocks``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+
+@dataclass
+class ToyOutput:
+    sample: Tensor
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        h = self.norm(x)
+        kv = torch.cat([h, context], dim=1)
+        x = x + self.attn(h, kv, kv, need_weights=False)[0]
+        return x + self.mlp(self.norm(x))
+
+
+class ToyDiT(nn.Module):
+    """Patchify, add time and conditioning embeddings, a few blocks, unpatchify."""
+
+    def __init__(
+        self, channels: int = 4, patch: int = 2, dim: int = 32, depth: int = 2, cond_dim: int = 8
+    ) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj_in = nn.Linear(channels * patch * patch, dim)
+        self.time = nn.Sequential(nn.Linear(16, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.context = nn.Linear(cond_dim, dim)
+        self.pooled = nn.Linear(cond_dim, dim)
+        self.transformer_blocks = nn.ModuleList(ToyBlock(dim) for _ in range(depth))
+        self.proj_out = nn.Linear(dim, channels * patch * patch)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        timestep: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        pooled_projections: Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        b, c, h, w = hidden_states.shape
+        x = rearrange(
+            hidden_states, "b c (h p) (w q) -> b (h w) (c p q)", p=self.patch, q=self.patch
+        )
+        x = self.proj_in(x.to(self.proj_in.weight.dtype))
+        freqs = torch.exp(torch.arange(8, device=x.device, dtype=torch.float32) * -math.log(1e4) / 8)
+        angles = timestep.float()[:, None] * freqs * 1000.0
+        temb = self.time(torch.cat([angles.sin(), angles.cos()], dim=1).to(x.dtype))
+        x = x + temb[:, None, :]
+        if pooled_projections is not None:
+            x = x + self.pooled(pooled_projections.to(x.dtype))[:, None, :]
+        if encoder_hidden_states is None:
+            context = x.new_zeros(b, 1, x.shape[-1])
+        else:
+            context = self.context(encoder_hidden_states.to(x.dtype))
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        out = rearrange(
+            self.proj_out(x),
+            "b (h w) (c p q) -> b c (h p) (w q)",
+            h=h // self.patch,
+            p=self.patch,
+            q=self.patch,
+        ).to(hidden_states.dtype)
+        return ToyOutput(sample=out) if return_dict else (out,)
+
+
+class ToyTokenDiscriminator(nn.Module):
+    """One linear head per tapped block on mean-pooled tokens: logits [B, n_heads]."""
+
+    def __init__(self, dim: int = 32, n_heads: int = 2) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(dim, 1) for _ in range(n_heads))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return torch.cat([head(f.mean(dim=1)) for head, f in zip(self.heads, features)], dim=1)
+
+
+def toy_batch(b: int = 4, dtype: torch.dtype = torch.float32, cond_dim: int = 8):
+    """latents, noise, conditioning, negative conditioning for ToyDiT."""
+    latents = torch.randn(b, 4, 8, 8, dtype=dtype)
+    noise = torch.randn(b, 4, 8, 8, dtype=dtype)
+    cond = torch.randn(b, 3, cond_dim, dtype=dtype)
+    neg = torch.zeros(b, 3, cond_dim, dtype=dtype)
+    return latents, noise, cond, neg
