@@ -9,19 +9,6 @@ public names of ``modelopt.torch.fastgen``.
 """
 
 from fastgen.config import ParamConverterConfig, SampleTimestepConfig
-from fastgen.flow_matching import (
-    DENOM_MIN,
-    add_noise,
-    convert_prediction,
-    expand_like,
-    pred_noise_to_pred_x0,
-    pred_x0_from_flow,
-    rf_alpha,
-    rf_sigma,
-    set_value_checks,
-    x0_to_eps,
-    x0_to_flow,
-)
 from fastgen.dmd import (
     DistillationConfig,
     DMDConfig,
@@ -35,6 +22,19 @@ from fastgen.dmd import (
     list_recipes,
     load_config,
     load_dmd_config,
+)
+from fastgen.flow_matching import (
+    DENOM_MIN,
+    add_noise,
+    convert_prediction,
+    expand_like,
+    pred_noise_to_pred_x0,
+    pred_x0_from_flow,
+    rf_alpha,
+    rf_sigma,
+    set_value_checks,
+    x0_to_eps,
+    x0_to_flow,
 )
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
 from fastgen.modules import ParamConverter, RFForward, TimestepSampler

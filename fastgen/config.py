@@ -86,9 +86,7 @@ class SampleTimestepConfig(BaseModel):
     """Mean of the normal in logit space (``logitnormal``) or log space (``lognormal``);
     ``p_mean`` (modelopt's name) is accepted too."""
 
-    train_p_std: float = Field(
-        1.0, gt=0.0, validation_alias=AliasChoices("train_p_std", "p_std")
-    )
+    train_p_std: float = Field(1.0, gt=0.0, validation_alias=AliasChoices("train_p_std", "p_std"))
     """Standard deviation of that normal; > 0. ``p_std`` (modelopt's name) is accepted too."""
 
     shift: float = Field(5.0, gt=0.0)

@@ -109,7 +109,9 @@ def _check_pair(name_a: str, a: object, name_b: str, b: object) -> None:
     _check_float_tensor(name_a, a)
     _check_float_tensor(name_b, b)
     if a.device != b.device:
-        raise ValueError(f"{name_a} and {name_b} must be on one device, got {a.device} and {b.device}")
+        raise ValueError(
+            f"{name_a} and {name_b} must be on one device, got {a.device} and {b.device}"
+        )
     what = f"{name_a} and {name_b} must have the same shape"
     if a.ndim != b.ndim:
         raise ValueError(f"{what}, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -193,7 +195,9 @@ def _check_t(t: Tensor, x: Tensor) -> Tensor:
     _check_float_tensor("t", t)
     # A 0-d CPU t broadcasts to any device, as in torch; anything else must sit with the data.
     if t.device != x.device and not (t.ndim == 0 and t.device.type == "cpu"):
-        raise ValueError(f"t is on {t.device} but the data is on {x.device}: move t to the data's device")
+        raise ValueError(
+            f"t is on {t.device} but the data is on {x.device}: move t to the data's device"
+        )
     t = expand_like(t, x)
     _check_t_values(t)
     return t

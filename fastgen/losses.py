@@ -168,9 +168,10 @@ def gan_disc_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """
     _check_logits("real_logits", real_logits)
     _check_logits("fake_logits", fake_logits)
-    loss = F.softplus(fake_logits.to(torch.float64)).mean() + F.softplus(
-        -real_logits.to(torch.float64)
-    ).mean()
+    loss = (
+        F.softplus(fake_logits.to(torch.float64)).mean()
+        + F.softplus(-real_logits.to(torch.float64)).mean()
+    )
     return round_once(loss, real_logits.dtype)
 
 

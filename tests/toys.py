@@ -57,12 +57,14 @@ class ToyDiT(nn.Module):
         pooled_projections: Tensor | None = None,
         return_dict: bool = True,
     ):
-        b, c, h, w = hidden_states.shape
+        b, h = hidden_states.shape[0], hidden_states.shape[2]
         x = rearrange(
             hidden_states, "b c (h p) (w q) -> b (h w) (c p q)", p=self.patch, q=self.patch
         )
         x = self.proj_in(x.to(self.proj_in.weight.dtype))
-        freqs = torch.exp(torch.arange(8, device=x.device, dtype=torch.float32) * -math.log(1e4) / 8)
+        freqs = torch.exp(
+            torch.arange(8, device=x.device, dtype=torch.float32) * -math.log(1e4) / 8
+        )
         angles = timestep.float()[:, None] * freqs * 1000.0
         temb = self.time(torch.cat([angles.sin(), angles.cos()], dim=1).to(x.dtype))
         x = x + temb[:, None, :]

@@ -36,7 +36,9 @@ class FeatureCapture:
         output_index: int | None = None,
     ) -> None:
         if isinstance(taps, (str, int)) or len(taps) == 0:
-            raise ValueError(f"taps must be a non-empty list of block names or indices, got {taps!r}")
+            raise ValueError(
+                f"taps must be a non-empty list of block names or indices, got {taps!r}"
+            )
         self.names: list[str] = []
         for tap in taps:
             if isinstance(tap, bool) or not isinstance(tap, (str, int)):

@@ -28,7 +28,9 @@ def _modelopt_sample_t_cfg() -> SampleTimestepConfig:
     return SampleTimestepConfig(time_dist_type="shifted")
 
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+_FROZEN = ConfigDict(
+    frozen=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True
+)
 
 
 class EMAConfig(BaseModel):

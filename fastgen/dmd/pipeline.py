@@ -173,7 +173,11 @@ class DMDPipeline:
         return self._ema
 
     def sample_timesteps(
-        self, n: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self,
+        n: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """``n`` perturbation timesteps from ``config.sample_t_cfg`` (on the student's device)."""
         return sample_timesteps(
@@ -324,7 +328,9 @@ class DMDPipeline:
         with torch.no_grad():
             fake_x0 = self._x0(
                 self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs),
-                x_t, t, exact=True,
+                x_t,
+                t,
+                exact=True,
             )
         features = None
         if self._gan:
@@ -348,10 +354,16 @@ class DMDPipeline:
                 x_t_ng = x_t.detach()
                 uncond = self._x0(
                     self._call(
-                        self.teacher, "teacher", x_t_ng, t, negative_encoder_hidden_states,
+                        self.teacher,
+                        "teacher",
+                        x_t_ng,
+                        t,
+                        negative_encoder_hidden_states,
                         neg_kwargs,
                     ),
-                    x_t_ng, t, exact=True,
+                    x_t_ng,
+                    t,
+                    exact=True,
                 )
             teacher_x0 = classifier_free_guidance(teacher_x0, uncond, scale)
         vsd = vsd_loss(gen, teacher_x0, fake_x0)

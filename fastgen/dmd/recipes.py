@@ -33,9 +33,7 @@ def list_recipes() -> list[str]:
 
 def _resolve(name_or_path: str | Path):
     if not isinstance(name_or_path, (str, Path)):
-        raise TypeError(
-            f"name_or_path must be a str or Path, got {type(name_or_path).__name__}"
-        )
+        raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
     candidates = [path] if path.suffix in _SUFFIXES else []
     candidates += [path.with_name(path.name + s) for s in _SUFFIXES]
@@ -75,7 +73,9 @@ def load_config(name_or_path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"recipe {source} must hold a mapping of fields, got {type(data).__name__}")
+        raise ValueError(
+            f"recipe {source} must hold a mapping of fields, got {type(data).__name__}"
+        )
     return data
 
 
