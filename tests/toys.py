@@ -38,14 +38,20 @@ class ToyDiT(nn.Module):
     """Patchify, add time and conditioning embeddings, a few blocks, unpatchify."""
 
     def __init__(
-        self, channels: int = 4, patch: int = 2, dim: int = 32, depth: int = 2, cond_dim: int = 8
+        self,
+        channels: int = 4,
+        patch: int = 2,
+        dim: int = 32,
+        depth: int = 2,
+        cond_dim: int = 8,
+        pooled_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.patch = patch
         self.proj_in = nn.Linear(channels * patch * patch, dim)
         self.time = nn.Sequential(nn.Linear(16, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.context = nn.Linear(cond_dim, dim)
-        self.pooled = nn.Linear(cond_dim, dim)
+        self.pooled = None if pooled_dim is None else nn.Linear(pooled_dim, dim)
         self.transformer_blocks = nn.ModuleList(ToyBlock(dim) for _ in range(depth))
         self.proj_out = nn.Linear(dim, channels * patch * patch)
 
@@ -68,7 +74,7 @@ class ToyDiT(nn.Module):
         angles = timestep.float()[:, None] * freqs * 1000.0
         temb = self.time(torch.cat([angles.sin(), angles.cos()], dim=1).to(x.dtype))
         x = x + temb[:, None, :]
-        if pooled_projections is not None:
+        if self.pooled is not None and pooled_projections is not None:
             x = x + self.pooled(pooled_projections.to(x.dtype))[:, None, :]
         if encoder_hidden_states is None:
             context = x.new_zeros(b, 1, x.shape[-1])

@@ -6,10 +6,11 @@ import copy
 
 from torch import nn
 
-__all__ = ["create_fake_score"]
+__all__ = ["create_fake_score", "is_sharded"]
 
 
-def _is_sharded(module: nn.Module) -> bool:
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is FSDP-wrapped (FSDP1 wrappers or FSDP2 DTensor parameters)."""
     # FSDP1 wraps submodules; FSDP2 turns parameters into DTensors.
     if any(hasattr(m, "_fsdp_wrapped_module") for m in module.modules()):
         return True
@@ -42,7 +43,7 @@ def create_fake_score(teacher: nn.Module, *, deep_copy: bool = True) -> nn.Modul
     """
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
-    if deep_copy and _is_sharded(teacher):
+    if deep_copy and is_sharded(teacher):
         raise ValueError(
             "create_fake_score(teacher, deep_copy=True) cannot copy an FSDP-wrapped teacher "
             "(DTensor parameters and FSDP hooks do not survive copy.deepcopy): build the fake "

@@ -40,6 +40,7 @@ from fastgen._rounding import round_once
 from fastgen.dmd.capture import FeatureCapture, feature_capture_of
 from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.ema import ExponentialMovingAverage
+from fastgen.dmd.factory import is_sharded
 from fastgen.dmd.guidance import check_scale, classifier_free_guidance
 from fastgen.flow_matching import _check_pair, add_noise, convert_prediction, x0_to_eps
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
@@ -134,6 +135,7 @@ class DMDPipeline:
         self.config = config
         self._gan = config.gan_loss_weight_gen > 0
         self._capture: FeatureCapture | None = feature_capture_of(teacher)
+        self._disc_sharded = discriminator is not None and is_sharded(discriminator)
         if self._gan and discriminator is None:
             raise ValueError("gan_loss_weight_gen > 0 needs a discriminator= for DMDPipeline")
         if discriminator is not None and self._capture is None:
@@ -265,6 +267,17 @@ class DMDPipeline:
             if name in model_kwargs:
                 raise TypeError(f"{name} is set by the pipeline; do not pass it in **model_kwargs")
 
+    def _logits_without_weight_grads(self, features: list[Tensor]) -> Tensor:
+        """Discriminator logits whose gradient reaches the features but not its weights."""
+        disc = self.discriminator
+        if self._disc_sharded:
+            # FSDP2 re-binds its parameters in its own hooks: the caller keeps them frozen
+            # (requires_grad_(False)) around the student update.
+            return disc(features)
+        inner = disc.module if isinstance(disc, nn.parallel.DistributedDataParallel) else disc
+        params = {name: p.detach() for name, p in inner.named_parameters()}
+        return torch.func.functional_call(inner, params, (features,))
+
     # --- the losses -----------------------------------------------------------------------
 
     def compute_student_loss(
@@ -369,7 +382,7 @@ class DMDPipeline:
         vsd = vsd_loss(gen, teacher_x0, fake_x0)
         if not self._gan:
             return {"vsd": vsd, "total": vsd}
-        gan_gen = gan_gen_loss(self.discriminator(features))
+        gan_gen = gan_gen_loss(self._logits_without_weight_grads(features))
         total = round_once(
             vsd.to(torch.float64) + self.config.gan_loss_weight_gen * gan_gen.to(torch.float64),
             vsd.dtype,
