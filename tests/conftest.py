@@ -41,6 +41,8 @@ def _seed_and_reset():
     yield
     fastgen.set_value_checks(previous)
     torch.compiler.set_stance("default")
+    # Compiled lambdas defined in shared helpers share code objects across tests: start clean.
+    torch._dynamo.reset()
 
 
 @pytest.fixture
