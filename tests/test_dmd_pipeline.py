@@ -8,9 +8,9 @@ import copy
 import pydantic
 import pytest
 import torch
-from toys import ToyDiT, ToyTokenDiscriminator, toy_batch
 from torch import nn
 from torch._dynamo.testing import CompileCounter
+from toys import ToyDiT, ToyTokenDiscriminator, toy_batch
 
 import fastgen
 from fastgen import DMDConfig, DMDPipeline, EMAConfig, make_t_list
@@ -108,9 +108,11 @@ def test_aot_eager_equals_eager(monkeypatch, name):
                 [torch.rand(5) for _ in range(6)],
                 [torch.randn(5, 4, 8, 8) for _ in range(9)],
             )
-            monkeypatch.setattr(pipe, "sample_timesteps", lambda n, **kw: times.pop(0))
+            monkeypatch.setattr(pipe, "sample_timesteps", lambda n, times=times, **kw: times.pop(0))
             monkeypatch.setattr(
-                torch, "randn_like", lambda x, **kw: noises.pop(0).to(kw.get("dtype") or x.dtype)
+                torch,
+                "randn_like",
+                lambda x, noises=noises, **kw: noises.pop(0).to(kw.get("dtype") or x.dtype),
             )
         for loss_name, fn in losses_of(pipe):
             if backend:
@@ -163,7 +165,7 @@ def test_no_host_sync(name, sync_counter):
         assert counter.syncs == [], (loss_name, counter.syncs)
         graphs = []
 
-        def record(gm, example_inputs):
+        def record(gm, example_inputs, graphs=graphs):
             graphs.append(gm)
             return gm
 
