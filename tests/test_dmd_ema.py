@@ -1,0 +1,102 @@
+"""ExponentialMovingAverage: schedules against their formulas, one fused update, dtypes, state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastgen import EMAConfig, ExponentialMovingAverage
+from fastgen.dmd.ema import ema_decay
+
+
+@pytest.mark.parametrize("iteration", [1, 2, 10, 1000])
+def test_schedules_match_their_formulas(iteration):
+    assert ema_decay(EMAConfig(decay=0.97), iteration) == 0.97
+    gamma = 16.97
+    assert ema_decay(EMAConfig(type="power"), iteration) == pytest.approx(
+        (1 - 1 / iteration) ** (gamma + 1), rel=1e-15, abs=0
+    )
+    # halflife in images: 0.5 ** (images per update / halflife), the halflife capped by the ramp-up
+    cfg = EMAConfig(type="halflife", halflife_kimg=2.0, batch_size=64, rampup_ratio=0.05)
+    halflife = min(2000.0, 0.05 * 64 * iteration)
+    assert ema_decay(cfg, iteration) == pytest.approx(0.5 ** (64 / halflife), rel=1e-15)
+    no_ramp = EMAConfig(type="halflife", halflife_kimg=2.0, batch_size=64, rampup_ratio=None)
+    assert ema_decay(no_ramp, iteration) == pytest.approx(
+        math.exp(-math.log(2) * 64 / 2000), rel=1e-12
+    )
+
+
+def net(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(dtype)
+    return model
+
+
+def test_update_is_the_lerp_of_every_parameter_and_copies_buffers():
+    model = net()
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=0.9))
+    ema.update(model, iteration=0)  # the first update copies
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0).add_(1.0)
+        model[1].running_mean.fill_(5.0)
+    ema.update(model, iteration=1)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(
+            ema.state_dict()[n], 0.9 * start[n] + 0.1 * p.detach(), rtol=1e-6, atol=1e-7
+        )
+    assert torch.equal(ema.state_dict()["1.running_mean"], torch.full((4,), 5.0))
+
+
+def test_bf16_model_keeps_float32_shadows_that_move():
+    model = net(torch.bfloat16)
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=0.9999))
+    ema.update(model, iteration=1)
+    before = ema.state_dict()["0.weight"].clone()
+    assert before.dtype == torch.float32
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model, iteration=2)
+    # 1e-4 of a unit step: lost in a bf16 shadow (ulp 2^-8 near 1), kept in float32
+    torch.testing.assert_close(
+        ema.state_dict()["0.weight"] - before, torch.full_like(before, 1e-4), rtol=1e-2, atol=0
+    )
+    bf16 = ExponentialMovingAverage(model, EMAConfig(decay=0.9999, dtype=None))
+    assert bf16.state_dict()["0.weight"].dtype == torch.bfloat16
+
+
+def test_start_iter_ignores_then_initialises():
+    model = net()
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=0.5, start_iter=3))
+    with torch.no_grad():
+        ema.state_dict()["0.weight"].zero_()
+    ema.update(model, iteration=2)  # before start: ignored
+    assert ema.state_dict()["0.weight"].abs().sum() == 0
+    ema.update(model, iteration=3)  # at start: copied
+    assert torch.equal(ema.state_dict()["0.weight"], model[0].weight.detach())
+
+
+def test_copy_to_state_dict_and_wrappers():
+    model = net()
+    ema = ExponentialMovingAverage(
+        torch.compile(model), EMAConfig()
+    )  # _orig_mod. is looked through
+    ema.update(model, iteration=1)
+    target = net()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.zero_()
+    ema.copy_to(target)
+    for a, b in zip(target.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    again = ExponentialMovingAverage(model, EMAConfig())
+    again.load_state_dict({k: v.clone() for k, v in ema.state_dict().items()})
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ema.state_dict().items())
+    with pytest.raises(KeyError, match="missing"):
+        again.load_state_dict({})
+    with pytest.raises(KeyError, match="not tracked"):
+        ema.update(nn.Linear(2, 2), iteration=2)
