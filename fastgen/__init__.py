@@ -10,6 +10,7 @@ public names of ``modelopt.torch.fastgen``.
 
 from fastgen.config import ParamConverterConfig, SampleTimestepConfig
 from fastgen.dmd import (
+    Discriminator,
     DistillationConfig,
     DMDConfig,
     DMDPipeline,
@@ -85,4 +86,5 @@ __all__ = [
     "ExponentialMovingAverage",
     "FeatureCapture",
     "attach_feature_capture",
+    "Discriminator",
 ]

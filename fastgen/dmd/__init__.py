@@ -5,6 +5,7 @@ Public names follow ``modelopt.torch.fastgen`` so that switching is an import ch
 
 from fastgen.dmd.capture import FeatureCapture, attach_feature_capture
 from fastgen.dmd.config import DistillationConfig, DMDConfig, EMAConfig
+from fastgen.dmd.discriminator import Discriminator, group_count
 from fastgen.dmd.ema import ExponentialMovingAverage, ema_decay
 from fastgen.dmd.factory import create_fake_score
 from fastgen.dmd.guidance import classifier_free_guidance
@@ -25,7 +26,9 @@ __all__ = [
     "create_fake_score",
     "ExponentialMovingAverage",
     "ema_decay",
-    # GAN feature capture
+    # GAN: feature capture and discriminator
     "FeatureCapture",
     "attach_feature_capture",
+    "Discriminator",
+    "group_count",
 ]
