@@ -1,4 +1,4 @@
-"""The demo's pieces against exact answers, and one --quick run end to end."""
+"""The demo's pieces against exact answers, and --quick runs of both jobs end to end."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from fastgen import demo
+from fastgen.demo import data, metrics, train
+from fastgen.demo.export import OneStepSampler, export_one_step
+from fastgen.demo.networks import DigitsFlowNet
 from fastgen.timesteps import make_t_list
 
 
@@ -16,60 +19,119 @@ def test_sliced_wasserstein_zero_for_equal_sets_and_shift_for_translation():
     projections = torch.randn(2, 64)
     projections /= projections.norm(dim=0, keepdim=True)
     a = torch.randn(500, 2)
-    assert demo.sliced_wasserstein(a, a[torch.randperm(500)], projections) == 0.0
+    assert metrics.sliced_wasserstein(a, a[torch.randperm(500)], projections) == 0.0
     # translating by d moves each 1-D marginal by <d, p>: SWD = sqrt(mean <d, p>^2)
     d = torch.tensor([0.3, -0.4])
     expected = float(((d @ projections.double().float()) ** 2).mean().sqrt())
-    assert abs(demo.sliced_wasserstein(a + d, a, projections) - expected) < 1e-6
+    assert abs(metrics.sliced_wasserstein(a + d, a, projections) - expected) < 1e-6
 
 
-def test_modes_covered_counts_modes():
-    data = demo.sample_data(8192, torch.device("cpu"))
-    assert demo.modes_covered(data) == demo.N_MODES
-    one_mode = demo.mode_centers(torch.device("cpu"))[3] + demo.MODE_STD * torch.randn(1000, 2)
-    assert demo.modes_covered(one_mode) == 1
-    assert demo.modes_covered(torch.zeros(100, 2)) == 0
+def test_ring_precision_and_modes():
+    points = data.sample_ring(8192, torch.device("cpu"))
+    assert metrics.modes_covered(points) == data.N_MODES and metrics.ring_precision(points) > 0.98
+    one_mode = data.mode_centers(torch.device("cpu"))[3] + data.MODE_STD * torch.randn(1000, 2)
+    assert metrics.modes_covered(one_mode) == 1
+    assert (
+        metrics.modes_covered(torch.zeros(100, 2)) == 0
+        and metrics.ring_precision(torch.zeros(100, 2)) == 0.0
+    )
+
+
+def test_frechet_distance_of_a_translation_is_its_squared_length():
+    a = torch.randn(400, 6, dtype=torch.float64)
+    shift = torch.tensor([0.5, -1.0, 0.0, 2.0, 0.0, 0.0], dtype=torch.float64)
+    assert abs(metrics.frechet_distance(a, a)) < 1e-9
+    assert abs(metrics.frechet_distance(a + shift, a) - float(shift @ shift)) < 1e-9
+    # scaling by 2: the trace term is tr(S + 4S - 2 * 2S) = tr(S)
+    cov = torch.cov(a.T)
+    assert (
+        abs(
+            metrics.frechet_distance(2 * a, a)
+            - (float(torch.trace(cov)) + float(a.mean(0) @ a.mean(0)))
+        )
+        < 1e-8
+    )
+
+
+def test_knn_precision_recall():
+    real = torch.randn(300, 4)
+    assert metrics.knn_precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert metrics.knn_precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # fake covering half of the real support: precision stays high, recall drops
+    half = real[real[:, 0] > 0]
+    precision, recall = metrics.knn_precision_recall(real, half)
+    assert precision == 1.0 and recall < 0.8
 
 
 def test_samplers_follow_the_exact_flow_of_a_point_mass():
     # For data = {c}, the exact velocity is v(x, t) = (x - c) / t: every sampler lands on c.
     c = torch.tensor([1.5, -0.5])
-    exact_flow = lambda x, t: (x - c) / t[:, None]  # noqa: E731
-    exact_x0 = lambda x, t: x - t[:, None] * exact_flow(x, t)  # flow model's x0 readout  # noqa: E731
+
+    def exact_flow(hidden_states, timestep, encoder_hidden_states=None):
+        return (hidden_states - c) / timestep[:, None]
+
     eps = torch.randn(64, 2)
     ladder = [1.0 - i / 10 for i in range(10)] + [0.0]
+    expected = c.expand(64, 2)
     torch.testing.assert_close(
-        demo.euler_ode(exact_flow, eps, ladder), c.expand(64, 2), rtol=0, atol=1e-5
+        train.euler_ode(exact_flow, eps, ladder), expected, rtol=0, atol=1e-5
     )
     torch.testing.assert_close(
-        demo.student_sample(exact_flow, eps, make_t_list(4)), c.expand(64, 2), rtol=0, atol=1e-5
+        train.student_sample(exact_flow, eps, make_t_list(4)), expected, rtol=0, atol=1e-5
     )
-    assert exact_x0(eps, torch.ones(64)).allclose(c.expand(64, 2), atol=1e-6)
 
 
-def test_quick_run_writes_files_and_beats_the_one_step_baseline(tmp_path):
+def test_digits_split_is_fixed_and_scaled():
+    a, b = data.load_digits(torch.device("cpu")), data.load_digits(torch.device("cpu"))
+    assert torch.equal(a.eval_y, b.eval_y) and len(a.eval_y) == data.N_HELD_OUT
+    assert len(a.train_y) + len(a.eval_y) == 1797
+    assert float(a.train_x.min()) == -1.0 and float(a.train_x.max()) == 1.0
+    assert a.train_x.shape[1:] == (1, 8, 8)
+
+
+def test_exported_one_step_student_equals_eager_at_new_batch_sizes(tmp_path):
+    student = DigitsFlowNet(width=32, depth=1).eval()
+    noise, labels = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    loaded = export_one_step(student, 0.999, tmp_path / "s.pt2", (noise, labels))
+    eager = OneStepSampler(student, 0.999)
+    for n in (1, 7, 33):
+        noise, labels = torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+        with torch.no_grad():
+            assert torch.equal(loaded(noise, labels), eager(noise, labels))
+
+
+def run_demo(tmp_path, *extra):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastgen.demo", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+        [sys.executable, "-m", "fastgen.demo", "--quick", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    for key in (
-        "teacher_multistep_swd",
-        "teacher_onestep_swd",
-        "student_onestep_swd",
-        "student_multistep_swd",
-        "student_modes_covered",
-        "n_modes",
-        "seconds",
-        "compiled",
-    ):
-        assert key in metrics
-    assert metrics["compiled"] is True and metrics["n_modes"] == 8
-    assert metrics["student_onestep_swd"] < metrics["teacher_onestep_swd"]
-    assert metrics["student_multistep_swd"] < metrics["teacher_onestep_swd"]
+    return out, json.loads((out / "metrics.json").read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_digits_run(tmp_path):
+    out, m, stdout = run_demo(tmp_path, "--no-compile")
+    for name in ("teacher", "teacher_1step", "student_1step", "student_4step", "data"):
+        assert set(m[name]) == {"class_accuracy", "fd", "precision", "recall"}
+    assert m["export_equal"] is True and m["compiled"] is False and m["data"] == "digits"
+    assert m["student_1step"]["fd"] < m["teacher_1step"]["fd"]
+    assert m["classifier_heldout_accuracy"] > 0.9
+    samples = torch.load(out / "samples.pt")
+    n = len(samples["labels"])
+    assert samples["labels"].dtype == torch.int64 and n == data.N_HELD_OUT
+    for name in ("teacher", "teacher_1step", "student_1step", "student_4step", "data"):
+        assert samples[name].shape == (n, 1, 8, 8) and samples[name].dtype == torch.float32
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "sliced W2" in proc.stdout
+    assert (out / "student_1step.pt2").stat().st_size > 0
+    assert "recall" in stdout
+
+
+@pytest.mark.slow
+def test_quick_ring_run(tmp_path):
+    out, m, _ = run_demo(tmp_path, "--data", "ring")
+    assert m["data"] == "ring" and m["compiled"] is True
+    assert m["student_1step"]["swd"] < m["teacher_1step"]["swd"]
+    samples = torch.load(out / "samples.pt")
+    assert samples["student_1step"].shape == (8192, 2) and "labels" not in samples

@@ -124,3 +124,68 @@ BAD = [
 def test_bad_input(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+# --- GAN losses ---------------------------------------------------------------------------------
+
+
+def _softplus64(x):
+    # log(1 + e^x), written out in float64 (stable form: max(x, 0) + log1p(e^-|x|))
+    x = x.double()
+    return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gan_losses_equal_float64_references(dtype):
+    from fastgen import gan_disc_loss, gan_gen_loss, r1_loss
+
+    real, fake = (
+        (torch.randn(16, 3, dtype=torch.float64) * 4).to(dtype),
+        (torch.randn(16, 3) * 4).to(dtype),
+    )
+    perturbed = (real.double() + 0.1 * torch.randn(16, 3, dtype=torch.float64)).to(dtype)
+    expected = {
+        "gen": _softplus64(-fake).mean(),
+        "disc": _softplus64(fake).mean() + _softplus64(-real).mean(),
+        "r1": ((real.double() - perturbed.double()) ** 2).mean(),
+    }
+    got = {
+        "gen": gan_gen_loss(fake),
+        "disc": gan_disc_loss(real, fake),
+        "r1": r1_loss(real, perturbed),
+    }
+    for key, value in got.items():
+        assert value.dtype == dtype and value.ndim == 0
+        assert value.item() == expected[key].to(dtype).item(), (
+            key
+        )  # one rounding of the float64 value
+
+
+def test_gan_losses_gradients_and_bad_input():
+    from fastgen import gan_disc_loss, gan_gen_loss, r1_loss
+
+    fake = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(gan_gen_loss(fake), fake)
+    torch.testing.assert_close(g, -torch.sigmoid(-fake.detach()) / fake.numel())
+    for call, words in (
+        (lambda: gan_gen_loss(torch.randn(8)), "2-D"),
+        (lambda: gan_disc_loss(torch.randn(8, 1), torch.randn(8, 1, 1)), "fake_logits must be 2-D"),
+        (lambda: r1_loss(torch.randn(8, 2), torch.randn(8, 3)), "same shape"),
+        (lambda: gan_gen_loss(torch.ones(8, 2, dtype=torch.long)), "floating-point"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=words):
+            call()
+
+
+def test_gan_losses_compile_in_one_frame():
+    from torch._dynamo.testing import CompileCounter
+
+    from fastgen import gan_disc_loss, gan_gen_loss, r1_loss
+
+    def step(real, fake, perturbed):
+        return gan_gen_loss(fake) + gan_disc_loss(real, fake) + r1_loss(real, perturbed)
+
+    counter = CompileCounter()
+    args = [torch.randn(6, 2) for _ in range(3)]
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    assert torch.equal(compiled(*args), step(*args)) and counter.frame_count == 1

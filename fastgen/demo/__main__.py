@@ -1,0 +1,3 @@
+from fastgen.demo.cli import main
+
+main()

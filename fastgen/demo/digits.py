@@ -1,0 +1,201 @@
+"""The digits job: a class-conditional RF teacher with CFG on scikit-learn's 8x8 digits, DMD2
+1-step and 4-step students, metrics in a classifier's feature space, and the exported student."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.demo.data import N_CLASSES, Digits, batch_of, load_digits
+from fastgen.demo.export import OneStepSampler, export_one_step
+from fastgen.demo.metrics import frechet_distance, knn_precision_recall
+from fastgen.demo.networks import DigitsClassifier, DigitsFlowNet
+from fastgen.demo.plots import digits_grid
+from fastgen.demo.train import (
+    DistillSettings,
+    Runtime,
+    distill,
+    euler_ode,
+    student_sample,
+    train_teacher,
+)
+from fastgen.timesteps import make_t_list
+
+NULL = N_CLASSES  # the "no label" index the teacher learns for classifier-free guidance
+SAMPLERS = ("teacher", "teacher_1step", "student_1step", "student_4step", "data")
+
+
+@dataclass(frozen=True)
+class Budget:
+    teacher_steps: int
+    onestep_updates: int
+    multistep_updates: int
+    batch: int
+    teacher_ode_steps: int
+    classifier_epochs: int
+    ema_decay: float  # of the evaluated (and exported) students
+
+
+DEFAULT = Budget(teacher_steps=4000, onestep_updates=400, multistep_updates=300, batch=128,
+                 teacher_ode_steps=32, classifier_epochs=40, ema_decay=0.99)  # fmt: skip
+QUICK = Budget(teacher_steps=800, onestep_updates=60, multistep_updates=40, batch=128,
+               teacher_ode_steps=16, classifier_epochs=15, ema_decay=0.9)  # fmt: skip
+SETTINGS = {"gen_lr": 5e-4, "fake_lr": 1e-3}
+
+
+def train_classifier(data: Digits, epochs: int) -> tuple[DigitsClassifier, float]:
+    """A CNN on the training split (random 1-pixel shifts); returns it and its held-out accuracy."""
+    clf = DigitsClassifier().to(data.train_x.device)
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    n = len(data.train_y)
+    for _ in range(epochs):
+        for index in torch.randperm(n, device=data.train_y.device).split(128):
+            x = F.pad(data.train_x[index], (1, 1, 1, 1), value=-1.0)
+            dx, dy = torch.randint(0, 3, (2,)).tolist()
+            x = x[:, :, dy : dy + 8, dx : dx + 8]
+            loss = F.cross_entropy(clf(x), data.train_y[index])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    clf.eval().requires_grad_(False)
+    accuracy = float((clf(data.eval_x).argmax(1) == data.eval_y).float().mean())
+    return clf, accuracy
+
+
+def evaluate(clf: DigitsClassifier, images: Tensor, labels: Tensor, real_features: Tensor) -> dict:
+    with torch.no_grad():
+        features = clf.features(images.float())
+        accuracy = float((clf.head(features).argmax(1) == labels).float().mean())
+    precision, recall = knn_precision_recall(real_features, features, k=3)
+    return {
+        "class_accuracy": accuracy,
+        "fd": frechet_distance(features, real_features),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def matched_training_images(data: Digits, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """For each label, a random training image of that class (the real-vs-real floor)."""
+    out = torch.empty(len(labels), 1, 8, 8, device=labels.device)
+    for c in range(N_CLASSES):
+        pool = data.train_x[data.train_y == c]
+        where = labels == c
+        pick = torch.randint(
+            0, len(pool), (int(where.sum()),), generator=generator, device=labels.device
+        )
+        out[where] = pool[pick]
+    return out
+
+
+def run(args, rt: Runtime, start: float) -> dict | None:
+    budget = QUICK if args.quick else DEFAULT
+    data = load_digits(rt.device)
+    scale = None if args.guidance_scale == 1.0 else args.guidance_scale
+
+    def batch():
+        return batch_of(data.train_x, data.train_y, budget.batch)
+
+    teacher = train_teacher(
+        rt, DigitsFlowNet(), batch, budget.teacher_steps, lr=1e-3, label_dropout=0.1, null=NULL
+    )
+    settings = dict(SETTINGS, ema_decay=budget.ema_decay, guidance_scale=scale, null_label=NULL)
+    one_step, four_step = make_t_list(1), make_t_list(4, shift=args.shift)
+    student_1 = distill(
+        rt, teacher, one_step, batch, DistillSettings(budget.onestep_updates, **settings), "1-step"
+    )
+    student_4 = distill(
+        rt,
+        teacher,
+        four_step,
+        batch,
+        DistillSettings(budget.multistep_updates, **settings),
+        "4-step",
+    )
+    if not rt.main:
+        return None
+
+    clf, clf_accuracy = train_classifier(data, budget.classifier_epochs)
+    gen = torch.Generator(device=rt.device).manual_seed(args.seed + 7)
+    labels = data.eval_y
+    noise = torch.randn(len(labels), 1, 8, 8, device=rt.device, generator=gen)
+    ode = [1.0 - i / budget.teacher_ode_steps for i in range(budget.teacher_ode_steps)] + [0.0]
+
+    def sample_all(noise: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return {
+            "teacher": euler_ode(teacher, noise, ode, labels, guidance_scale=scale, null=NULL),
+            "teacher_1step": euler_ode(
+                teacher, noise, [1.0, 0.0], labels, guidance_scale=scale, null=NULL
+            ),
+            "student_1step": student_sample(student_1, noise, one_step, labels),
+            # fresh noise between rungs, as backward simulation trains them
+            "student_4step": student_sample(student_4, noise, four_step, labels, generator=gen),
+        }
+
+    samples = sample_all(noise, labels)
+    samples["data"] = matched_training_images(data, labels, gen)
+    with torch.no_grad():
+        real_features = clf.features(data.eval_x)
+    metrics = {name: evaluate(clf, samples[name], labels, real_features) for name in SAMPLERS}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # export: the EMA 1-step student, a dynamic batch, labels as an input
+    loaded = export_one_step(
+        student_1, one_step[0], out / "student_1step.pt2", (noise[:5], labels[:5])
+    )
+    with torch.no_grad():
+        export_equal = bool(
+            torch.equal(
+                loaded(noise, labels), OneStepSampler(student_1, one_step[0])(noise, labels)
+            )
+        )
+
+    per_class = 6
+    grid_labels = torch.arange(N_CLASSES, device=rt.device).repeat_interleave(per_class)
+    grid_noise = torch.randn(len(grid_labels), 1, 8, 8, device=rt.device, generator=gen)
+    grid = sample_all(grid_noise, grid_labels)
+    grid["data"] = matched_training_images(data, grid_labels, gen)
+    titles = {name: f"{name}\nFD {metrics[name]['fd']:.2f} acc {metrics[name]['class_accuracy']:.2f}\n"
+              f"P {metrics[name]['precision']:.2f} R {metrics[name]['recall']:.2f}" for name in SAMPLERS}  # fmt: skip
+    digits_grid(out / "samples.png", {titles[n]: grid[n] for n in SAMPLERS}, per_class)
+    torch.save(
+        {
+            "labels": labels.cpu(),
+            **{n: samples[n].float().cpu() for n in SAMPLERS[:-1]},
+            "data": data.eval_x.cpu(),
+        },
+        out / "samples.pt",
+    )
+    result = {
+        "data": "digits",
+        **metrics,
+        "classifier_heldout_accuracy": clf_accuracy,
+        "guidance_scale": args.guidance_scale,
+        "export_equal": export_equal,
+        "seconds": round(time.perf_counter() - start, 1),
+        "compiled": rt.compiled,
+        "quick": bool(args.quick),
+        "world_size": rt.world,
+        "device": str(rt.device),
+        "seed": args.seed,
+        "t_list_4step": four_step,
+    }
+    return result
+
+
+def summary(result: dict) -> str:
+    lines = [f"{'sampler':15s} {'class acc':>9s} {'FD':>7s} {'precision':>9s} {'recall':>7s}"]
+    for name in SAMPLERS:
+        m = result[name]
+        lines.append(
+            f"{name:15s} {m['class_accuracy']:9.3f} {m['fd']:7.3f} {m['precision']:9.3f} {m['recall']:7.3f}"
+        )
+    lines.append(f"classifier held-out accuracy {result['classifier_heldout_accuracy']:.3f}; "
+                 f"exported 1-step student equals eager: {result['export_equal']}")  # fmt: skip
+    return "\n".join(lines)

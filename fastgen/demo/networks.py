@@ -1,0 +1,109 @@
+"""The demo's networks, called diffusers-style (``hidden_states=``, ``timestep=``,
+``encoder_hidden_states=``) as :class:`~fastgen.DMDPipeline` calls them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from fastgen.demo.data import N_CLASSES
+
+
+def fourier(t: Tensor, n_freqs: int) -> Tensor:
+    freqs = 2.0 ** torch.arange(n_freqs, device=t.device, dtype=torch.float32) * math.pi
+    angles = t.float()[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class VelocityMLP(nn.Module):
+    """Ring job: v(x_t, t), an MLP on the point and Fourier features of t."""
+
+    def __init__(self, width: int = 128, n_freqs: int = 8) -> None:
+        super().__init__()
+        self.n_freqs = n_freqs
+        self.net = nn.Sequential(
+            nn.Linear(2 + 2 * n_freqs, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, 2),
+        )
+
+    def forward(
+        self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states=None
+    ) -> Tensor:
+        return self.net(torch.cat([hidden_states, fourier(timestep, self.n_freqs)], dim=1))
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual MLP block, modulated (scale, shift) by the conditioning."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.film = nn.Linear(width, 2 * width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        scale, shift = self.film(cond).chunk(2, dim=1)
+        return x + self.mlp(self.norm(x) * (1 + scale) + shift)
+
+
+class DigitsFlowNet(nn.Module):
+    """Digits job: class-conditional v(x_t, t, label) for ``[B, 1, 8, 8]`` images.
+
+    A residual MLP on the flattened image; time (Fourier features) and label (an embedding
+    with one extra "no label" entry, index 10, for classifier-free guidance) modulate each block.
+    ``encoder_hidden_states`` carries the labels ``[B]`` (int64).
+    """
+
+    def __init__(self, width: int = 256, depth: int = 4, n_freqs: int = 8) -> None:
+        super().__init__()
+        self.n_freqs = n_freqs
+        self.inp = nn.Linear(64, width)
+        self.time = nn.Sequential(nn.Linear(2 * n_freqs, width), nn.SiLU(), nn.Linear(width, width))
+        self.label = nn.Embedding(N_CLASSES + 1, width)
+        self.blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 64))
+
+    def forward(
+        self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor
+    ) -> Tensor:
+        x = self.inp(rearrange(hidden_states, "b c h w -> b (c h w)"))
+        cond = nn.functional.silu(
+            self.time(fourier(timestep, self.n_freqs)) + self.label(encoder_hidden_states)
+        )
+        for block in self.blocks:
+            x = block(x, cond)
+        return rearrange(self.out(x), "b (c h w) -> b c h w", c=1, h=8)
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for the metrics: ``features`` (64-d, for FD and precision/recall) and logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 64),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(64, N_CLASSES)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
