@@ -399,3 +399,60 @@ def test_ode_unroll_without_a_branch_is_exact_at_the_last_rung():
     x_mid = add_noise(x0_hat, x0_to_eps(x0_hat, x_t, t), t_mid)
     expected = x0_hat.double() + (0.3 / 0.625) * (x_t.double() - x0_hat.double())
     torch.testing.assert_close(x_mid.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+# --- one rounding, everywhere: halfway cases built for each function ---------------------------
+
+_V = 1.0 + 2.0**-8 + 2.0**-30  # float32 rounds it to 1 + 2^-8, a bf16 tie that goes to 1.0
+
+
+def _halfway_cases(sign: float):
+    """(name, call, exact float64 value) whose exact value is sign * ~_V for every function."""
+    one = torch.full((1, 1), sign, dtype=torch.bfloat16)
+    zero = torch.zeros(1, 1, dtype=torch.bfloat16)
+    t_mul = torch.tensor([2.0**-8 + 2.0**-30], dtype=torch.float64)  # x_t - t v = s (1 + t)
+    t_div = torch.tensor([1.0 / _V], dtype=torch.float64)  # s / t
+    t_inv = torch.tensor([1.0 - 1.0 / _V], dtype=torch.float64)  # s / (1 - t)
+    t_add = torch.tensor([1.0 - (2.0**-8 + 2.0**-30)], dtype=torch.float64)  # s + (1 - t) s
+    return [
+        ("pred_x0_from_flow", lambda g: pred_x0_from_flow(-one.requires_grad_(g), one, t_mul), sign * (1 + t_mul.item())),
+        ("pred_noise_to_pred_x0", lambda g: pred_noise_to_pred_x0(zero.requires_grad_(g), one, t_inv), sign / (1 - t_inv.item())),
+        ("x0_to_eps", lambda g: x0_to_eps(zero.requires_grad_(g), one, t_div), sign / t_div.item()),
+        ("x0_to_flow", lambda g: x0_to_flow(zero.requires_grad_(g), one, t_div), sign / t_div.item()),
+        ("flow->eps", lambda g: convert_prediction(one.requires_grad_(g), one, t_add, src="flow", dst="eps"), sign * (1 + (1 - t_add.item()))),
+        ("eps->flow", lambda g: convert_prediction(one.requires_grad_(g), zero, t_inv, src="eps", dst="flow"), sign / (1 - t_inv.item())),
+        ("eps->x0", lambda g: convert_prediction(zero.requires_grad_(g), one, t_inv, src="eps", dst="x0"), sign / (1 - t_inv.item())),
+        ("x0->eps", lambda g: convert_prediction(zero.requires_grad_(g), one, t_div, src="x0", dst="eps"), sign / t_div.item()),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_every_function_rounds_once_on_a_double_rounding_case(sign, grad):
+    for name, call, exact in _halfway_cases(sign):
+        exact64 = torch.tensor([[exact]], dtype=torch.float64)
+        assert 2.0**-8 < abs(exact) - 1 < 2.0**-8 + 2.0**-24, (
+            name
+        )  # inside the double-rounding window
+        correct = correctly_rounded(exact64, torch.bfloat16)
+        assert not torch.equal(exact64.to(torch.bfloat16), correct), name  # torch rounds twice here
+        out = call(grad)
+        assert out.dtype == torch.bfloat16 and torch.equal(out.detach(), correct), (
+            name,
+            out,
+            correct,
+        )
+        assert out.requires_grad == grad, name
+
+
+def test_constants_by_value():
+    from fastgen.losses import VSD_WEIGHT_EPS
+
+    assert DENOM_MIN == 1e-6 and VSD_WEIGHT_EPS == 1e-6
+    # the floor is what the divisions use: x0 -> eps at t = 0 divides by exactly 1e-6
+    out = x0_to_eps(
+        torch.zeros(1, 1, dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.float64),
+        torch.zeros(1),
+    )
+    assert out.item() == 1e6
