@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,6 +20,24 @@ SYNC_OPS = {
     torch.ops.aten._unique2.default,
     torch.ops.aten.is_nonzero.default,
 }
+
+
+def correctly_rounded(ref64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float64 values to dtype once, independently of torch's conversions.
+
+    float16: numpy rounds float64 -> float16 directly. bfloat16 (8 exponent bits, 7 mantissa
+    bits): round the float64 bit pattern at mantissa bit 45, ties to even (normal range only).
+    """
+    if dtype in (torch.float64, torch.float32):
+        return ref64.to(dtype)  # a single IEEE rounding
+    values = ref64.detach().numpy()
+    if dtype == torch.float16:
+        return torch.from_numpy(values.astype(np.float16).astype(np.float64)).to(dtype)
+    assert np.all((np.abs(values) > 2.0**-126) | (values == 0)), "bf16 oracle covers normal values"
+    bits = values.view(np.uint64)
+    lsb = (bits >> np.uint64(45)) & np.uint64(1)
+    rounded = ((bits + np.uint64((1 << 44) - 1) + lsb) >> np.uint64(45)) << np.uint64(45)
+    return torch.from_numpy(rounded.view(np.float64)).to(dtype)  # exact: fits in bf16
 
 
 class SyncCounter(TorchDispatchMode):

@@ -8,7 +8,7 @@ import numpy as np
 import pydantic
 import pytest
 import torch
-from conftest import DTYPES
+from conftest import DTYPES, correctly_rounded
 from scipy import optimize, stats
 
 from fastgen import (
@@ -36,10 +36,11 @@ def base_cdf(t: np.ndarray, cfg: SampleTimestepConfig) -> np.ndarray:
     if kind == "lognormal":
         with np.errstate(divide="ignore"):
             return stats.norm.cdf(np.log(t), cfg.train_p_mean, cfg.train_p_std)
-    if kind == "shifted":  # t = s u / (1 + (s - 1) u) solved for u
-        return t / (cfg.shift - (cfg.shift - 1) * t)
-    if kind == "cosmap":  # t = 1 - 1 / (tan(pi u / 2) + 1) solved for u
-        return np.arctan(t / (1 - t)) * 2 / np.pi
+    if kind == "shifted":  # the map as written, inverted numerically
+        s = cfg.shift
+        return _invert(lambda u: s * u / (1 + (s - 1) * u), t)
+    if kind == "cosmap":  # SD3's map as written, inverted numerically
+        return _invert(lambda u: 1 - 1 / (math.tan(math.pi * u / 2) + 1), t)
     if kind == "mode":  # SD3 as written: t decreasing in u, so F(t) = 1 - u*(t)
         s = cfg.mode_scale
 
@@ -49,6 +50,17 @@ def base_cdf(t: np.ndarray, cfg: SampleTimestepConfig) -> np.ndarray:
 
         return 1 - np.vectorize(solve)(t)
     raise AssertionError(kind)
+
+
+def _invert(forward, t):
+    """u with forward(u) = t, for an increasing forward map on [0, 1] (brentq per point)."""
+
+    def one(x):
+        if x <= 0.0 or x >= 1.0:
+            return float(x)
+        return optimize.brentq(lambda u: forward(u) - x, 0.0, 1.0 - 1e-16, xtol=1e-15)
+
+    return np.vectorize(one)(t)
 
 
 def truncated(cfg: SampleTimestepConfig):
@@ -66,6 +78,11 @@ CONFIGS = [
     SampleTimestepConfig(time_dist_type="mode", mode_scale=1.29),
     SampleTimestepConfig(time_dist_type="mode", mode_scale=-0.5),
     SampleTimestepConfig(time_dist_type="cosmap"),
+    # asymmetric bounds for every family: a reflected map cannot hide behind symmetry
+    *[
+        SampleTimestepConfig(time_dist_type=kind, min_t=0.2, max_t=0.7, train_p_mean=-0.3)
+        for kind in ("uniform", "logitnormal", "lognormal", "shifted", "mode", "cosmap")
+    ],
 ]
 
 
@@ -80,7 +97,9 @@ def test_ks_against_analytic_truncated_cdf(cfg, stratified):
     assert (t == cfg.max_t).mean() < 1e-3 and (t == cfg.min_t).mean() < 1e-3
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[1:], ids=lambda c: c.time_dist_type)
+@pytest.mark.parametrize(
+    "cfg", [c for c in CONFIGS if c.time_dist_type != "uniform"], ids=lambda c: c.time_dist_type
+)
 def test_ks_rejects_the_untruncated_or_wrong_law(cfg):
     # Guard on the oracle: the same test tells the law from a uniform on [min_t, max_t].
     t = sample_timesteps(N, cfg, device="cpu", dtype=torch.float64).numpy()
@@ -89,10 +108,16 @@ def test_ks_rejects_the_untruncated_or_wrong_law(cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.time_dist_type)
-def test_library_cdf_matches_oracle(cfg):
+def test_library_cdf_and_quantile_match_oracle(cfg):
     grid = np.linspace(cfg.min_t, cfg.max_t, 17)
     ours = np.array([truncated_cdf(float(x), cfg) for x in grid])
     np.testing.assert_allclose(ours, truncated(cfg)(grid), rtol=0, atol=1e-9)
+    # the forward map the sampler uses: G(u) lands where the oracle's CDF says u
+    from fastgen.timesteps import _quantile
+
+    u = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    t = _quantile(u, cfg).numpy()
+    np.testing.assert_allclose(base_cdf(t, cfg), u.numpy(), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("stratified", [False, True])
@@ -105,7 +130,6 @@ def test_polynomial_is_uniform_on_the_grid(stratified):
     index = torch.round((t - 0.01) / (0.89 / 999)).long()
     torch.testing.assert_close(t, grid[index], rtol=0, atol=1e-12)
     counts = torch.bincount(index, minlength=1000).numpy()
-    assert counts.size == 1000
     assert stats.chisquare(counts).pvalue > 0.01
 
 
@@ -160,6 +184,22 @@ def test_reproducible_by_seed_and_generator():
     assert torch.equal(t1, t2) and torch.equal(k1, k2)
 
 
+@pytest.mark.parametrize("kind", [*CONTINUOUS, "polynomial"])
+def test_generator_path_of_every_option(kind):
+    cfg = SampleTimestepConfig(time_dist_type=kind, min_t=0.2, max_t=0.7, stratified=True)
+    t = sample_timesteps(
+        64, cfg, device="cpu", dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    again = sample_timesteps(
+        64, cfg, device="cpu", dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(t, again) and bool((t >= 0.2).all() and (t <= 0.7).all())
+    if kind == "uniform":  # one draw per stratum, in shuffled order
+        strata = torch.floor((t - 0.2) / 0.5 * 64)
+        assert torch.equal(torch.sort(strata).values, torch.arange(64, dtype=torch.float64))
+        assert not torch.equal(strata, torch.arange(64, dtype=torch.float64))
+
+
 def test_zero_samples():
     assert sample_timesteps(0, SampleTimestepConfig(), device="cpu").shape == (0,)
 
@@ -173,7 +213,7 @@ def test_sample_from_t_list_is_uniform_over_rungs_without_the_final_zero():
     assert not bool((t == 0).any())
     assert torch.equal(t, torch.tensor(ladder, dtype=torch.float64)[k])
     counts = torch.bincount(k, minlength=4).numpy()
-    assert counts.size == 4 and stats.chisquare(counts).pvalue > 0.01
+    assert stats.chisquare(counts).pvalue > 0.01
     assert k.dtype == torch.int64
 
 
@@ -181,8 +221,9 @@ def test_sample_from_t_list_is_uniform_over_rungs_without_the_final_zero():
 def test_sample_from_t_list_rounds_each_rung_once(dtype):
     ladder = [0.9, 0.3, 0.1, 0.0]
     t = sample_from_t_list(1000, ladder, device="cpu", dtype=dtype)
-    allowed = torch.tensor(ladder[:-1], dtype=torch.float64).to(dtype)
+    allowed = correctly_rounded(torch.tensor(ladder[:-1], dtype=torch.float64), dtype)
     assert t.dtype == dtype and bool(torch.isin(t, allowed).all())
+    assert len(torch.unique(t)) == 3
 
 
 BAD_T_LISTS = [
@@ -245,10 +286,14 @@ BAD_CONFIGS = [
     ({"train_p_mean": float("nan")}, "train_p_mean"),
     ({"train_p_mean": float("inf")}, "train_p_mean"),
     ({"shift": -1.0}, "shift"),
+    ({"shift": 0.0}, "shift"),  # the bound itself
     ({"mode_scale": 1.8}, "mode_scale"),
+    ({"mode_scale": 1.7520}, "mode_scale"),  # just past 1 / (pi/2 - 1) = 1.75194...
     ({"mode_scale": -1.0}, "mode_scale"),
     ({"min_t": -0.1}, "min_t"),
+    ({"min_t": -1e-12}, "min_t"),
     ({"max_t": 1.1}, "max_t"),
+    ({"max_t": 1.0 + 1e-12}, "max_t"),
     ({"min_t": 0.5, "max_t": 0.5}, "min_t"),
     ({"min_t": 0.7, "max_t": 0.2}, "min_t"),
     ({"log_t_df": 0.01}, "log_t_df is FastGen's EDM-only"),
@@ -261,6 +306,13 @@ BAD_CONFIGS = [
 def test_config_validation(kwargs, words):
     with pytest.raises(pydantic.ValidationError, match=words):
         SampleTimestepConfig(**kwargs)
+
+
+def test_config_bounds_accept_their_edges():
+    assert SampleTimestepConfig(shift=1e-9).shift == 1e-9
+    assert SampleTimestepConfig(time_dist_type="mode", mode_scale=1.7519).mode_scale == 1.7519
+    assert SampleTimestepConfig(min_t=0.0, max_t=1.0).max_t == 1.0
+    assert SampleTimestepConfig(train_p_std=1e-12).train_p_std == 1e-12
 
 
 def test_config_defaults_frozen_and_json_round_trip():
@@ -314,8 +366,13 @@ def test_resolution_shift_matches_flux_defaults():
     assert resolution_shift(256) == pytest.approx(math.exp(0.5), rel=1e-15)
     assert resolution_shift(4096) == pytest.approx(math.exp(1.15), rel=1e-15)
     assert resolution_shift(1024) == pytest.approx(math.exp(0.5 + 768 * 0.65 / 3840), rel=1e-15)
-    # the shift map with s = exp(mu) is Flux's time_shift(mu, 1, t)
-    mu, t = math.log(resolution_shift(2048)), 0.3
-    flux = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
-    s = resolution_shift(2048)
-    assert s * t / (1 + (s - 1) * t) == pytest.approx(flux, rel=1e-14)
+    # the library's shift map with s = exp(mu) is Flux's time_shift(mu, 1, t)
+    from fastgen.timesteps import _shift_map
+
+    mu = math.log(resolution_shift(2048))
+    for t in (0.05, 0.3, 0.9):
+        flux = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+        assert _shift_map(t, resolution_shift(2048)) == pytest.approx(flux, rel=1e-14)
+    with pytest.raises(ValueError, match="seq_len"):
+        resolution_shift(-1)
+    assert resolution_shift(0) > 0
