@@ -33,7 +33,8 @@ def header(data: dict) -> str:
     lines = [
         f"- date: {data.get('datetime', '?')}",
         f"- machine: {cpu}, {info.get('cpu', {}).get('count', '?')} logical cores",
-        f"- python {info.get('python_version', '?')}; commit {commit.get('id', '?')[:10]}",
+        f"- python {info.get('python_version', '?')}; commit {commit.get('id', '?')[:10]}"
+        f"{' (dirty)' if commit.get('dirty') else ' (clean checkout)'}",
     ]
     extra = data["benchmarks"][0].get("extra_info", {}) if data["benchmarks"] else {}
     if "torch" in extra:

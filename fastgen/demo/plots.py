@@ -40,14 +40,14 @@ def digits_grid(path: Path, panels: dict[str, Tensor], per_class: int = 6) -> No
     rows c * per_class ... (c + 1) * per_class - 1).
     """
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels), 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 4.4))
     for ax, (title, images) in zip(axes, panels.items()):
         grid = images.detach().float().cpu().reshape(10, per_class, 8, 8)
         grid = grid.permute(0, 2, 1, 3).reshape(10 * 8, per_class * 8)
         ax.imshow(grid, cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_title(title, fontsize=7)
+        ax.set_title(title, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=130)
     plt.close(fig)
