@@ -155,6 +155,11 @@ def main() -> None:
             ("overhead % (minima)", "helpers_overhead_percent_min", ".1f"),
         ],
     )
+    dmd = simple_table(
+        benches,
+        "test_dmd2_update",
+        [("peak MiB", "peak_mib", ".1f"), ("× modelopt eager", "speedup_vs_modelopt_eager", ".2f")],
+    )
     inter = [b for b in benches if b["name"].startswith("test_training_step_overhead_interleaved")]
     if inter:
         e = inter[0]["extra_info"]
@@ -178,6 +183,8 @@ def main() -> None:
         md += ["", "### Timestep sampling", "", sampling]
     if step:
         md += ["", "### Compiled training step", "", step]
+    if dmd:
+        md += ["", "### DMD2 update (student + fake score), toy DiT", "", dmd]
     out_md = args.json.with_suffix(".md")
     out_md.write_text("\n".join(md) + "\n")
     plot(series, args.json.with_suffix(".png"), args.title or args.json.stem)
