@@ -115,7 +115,7 @@ def test_quick_digits_run(tmp_path):
     out, m, stdout = run_demo(tmp_path, "--no-compile")
     for name in ("teacher", "teacher_1step", "student_1step", "student_4step", "data"):
         assert set(m[name]) == {"class_accuracy", "fd", "precision", "recall"}
-    assert m["export_equal"] is True and m["compiled"] is False and m["data"] == "digits"
+    assert m["export_equal"] is True and m["compiled"] is False and m["job"] == "digits"
     assert m["student_1step"]["fd"] < m["teacher_1step"]["fd"]
     assert m["classifier_heldout_accuracy"] > 0.9
     samples = torch.load(out / "samples.pt")
@@ -131,7 +131,7 @@ def test_quick_digits_run(tmp_path):
 @pytest.mark.slow
 def test_quick_ring_run(tmp_path):
     out, m, _ = run_demo(tmp_path, "--data", "ring")
-    assert m["data"] == "ring" and m["compiled"] is True
+    assert m["job"] == "ring" and m["compiled"] is True
     assert m["student_1step"]["swd"] < m["teacher_1step"]["swd"]
     samples = torch.load(out / "samples.pt")
     assert samples["student_1step"].shape == (8192, 2) and "labels" not in samples

@@ -174,7 +174,7 @@ def run(args, rt: Runtime, start: float) -> dict | None:
         out / "samples.pt",
     )
     result = {
-        "data": "digits",
+        "job": "digits",
         **metrics,
         "classifier_heldout_accuracy": clf_accuracy,
         "guidance_scale": args.guidance_scale,

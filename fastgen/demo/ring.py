@@ -99,7 +99,7 @@ def run(args, rt: Runtime, start: float) -> dict | None:
     ring_plot(out / "samples.png", {titles[n]: samples[n] for n in SAMPLERS})
     torch.save({n: samples[n].float().cpu() for n in SAMPLERS}, out / "samples.pt")
     return {
-        "data": "ring",
+        "job": "ring",
         **metrics,
         "seconds": round(time.perf_counter() - start, 1),
         "compiled": rt.compiled,
