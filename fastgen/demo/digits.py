@@ -17,14 +17,12 @@ from fastgen.demo.metrics import frechet_distance, knn_precision_recall
 from fastgen.demo.networks import DigitsClassifier, DigitsFlowNet
 from fastgen.demo.plots import digits_grid
 from fastgen.demo.train import (
-    DistillSettings,
     Runtime,
-    distill,
+    distill_one_and_four_steps,
     euler_ode,
     student_sample,
     train_teacher,
 )
-from fastgen.timesteps import make_t_list
 
 NULL = N_CLASSES  # the "no label" index the teacher learns for classifier-free guidance
 SAMPLERS = ("teacher", "teacher_1step", "student_1step", "student_4step", "data")
@@ -105,17 +103,8 @@ def run(args, rt: Runtime, start: float) -> dict | None:
         rt, DigitsFlowNet(), batch, budget.teacher_steps, lr=1e-3, label_dropout=0.1, null=NULL
     )
     settings = dict(SETTINGS, ema_decay=budget.ema_decay, guidance_scale=scale, null_label=NULL)
-    one_step, four_step = make_t_list(1), make_t_list(4, shift=args.shift)
-    student_1 = distill(
-        rt, teacher, one_step, batch, DistillSettings(budget.onestep_updates, **settings), "1-step"
-    )
-    student_4 = distill(
-        rt,
-        teacher,
-        four_step,
-        batch,
-        DistillSettings(budget.multistep_updates, **settings),
-        "4-step",
+    one_step, four_step, student_1, student_4 = distill_one_and_four_steps(
+        rt, teacher, batch, budget, settings, args.shift
     )
     if not rt.main:
         return None

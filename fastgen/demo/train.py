@@ -22,6 +22,7 @@ from fastgen.dmd import (
 from fastgen.flow_matching import add_noise, convert_prediction, pred_x0_from_flow, x0_to_eps
 from fastgen.losses import dsm_loss
 from fastgen.modules import RFForward, TimestepSampler
+from fastgen.timesteps import make_t_list
 
 Batch = Callable[[], tuple[Tensor, Tensor | None]]  # () -> (x0 [B, ...], labels [B] or None)
 
@@ -69,6 +70,15 @@ def denoising_loss(
     return dsm_loss(flow, x0=x0, eps=eps, t=t, pred_type="flow")
 
 
+def descend(opt: torch.optim.Optimizer, loss: Tensor, sched=None) -> None:
+    """One optimizer step on ``loss`` (and one scheduler step, if given)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
 def drop_labels(labels: Tensor | None, p: float, null: int) -> Tensor | None:
     """Replace each label by ``null`` with probability ``p`` (CFG training), on device."""
     if labels is None or p == 0:
@@ -99,10 +109,7 @@ def train_teacher(
         for i in range(steps):
             x0, labels = batch()
             loss = step(model, sampler, noiser, x0, drop_labels(labels, label_dropout, null))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            descend(opt, loss, sched)
             bar.update()
             if i % 100 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -167,10 +174,7 @@ def distill(
     with progress(s.updates, f"DMD2 {name}", rt) as bar:
         for i in range(s.updates):
             for _ in range(cfg.student_update_freq):
-                loss = fake_loss(*draw())["total"]
-                fake_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                fake_opt.step()
+                descend(fake_opt, fake_loss(*draw())["total"])
             x0, noise, labels = draw()
             if s.guidance_scale is None:
                 loss = student_loss(x0, noise, labels)["total"]
@@ -179,10 +183,7 @@ def distill(
                 loss = student_loss(x0, noise, labels, negative_encoder_hidden_states=uncond)[
                     "total"
                 ]
-            gen_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gen_opt.step()
-            gen_sched.step()
+            descend(gen_opt, loss, gen_sched)
             pipe.update_ema()
             bar.update()
             if i % 50 == 0:
@@ -190,6 +191,29 @@ def distill(
     ema = copy.deepcopy(student).requires_grad_(False)
     pipe.ema.copy_to(ema)
     return ema.eval()
+
+
+def distill_one_and_four_steps(
+    rt: Runtime, teacher: nn.Module, batch: Batch, budget, settings: dict, shift: float
+) -> tuple[list[float], list[float], nn.Module, nn.Module]:
+    """The 1-step and the 4-step (``make_t_list(4, shift)``) students of ``teacher``.
+
+    ``budget`` gives ``onestep_updates`` and ``multistep_updates``; ``settings`` the rest of
+    :class:`DistillSettings`. Returns both ladders and both EMA students.
+    """
+    one_step, four_step = make_t_list(1), make_t_list(4, shift=shift)
+    student_1 = distill(
+        rt, teacher, one_step, batch, DistillSettings(budget.onestep_updates, **settings), "1-step"
+    )
+    student_4 = distill(
+        rt,
+        teacher,
+        four_step,
+        batch,
+        DistillSettings(budget.multistep_updates, **settings),
+        "4-step",
+    )
+    return one_step, four_step, student_1, student_4
 
 
 def _flow(model, x: Tensor, t: Tensor, labels, null, scale):
