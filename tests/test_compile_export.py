@@ -431,3 +431,37 @@ def test_compiled_training_step_one_frame_and_same_gradients():
     torch.compile(step, backend="aot_eager", fullgraph=True)(model, x0).backward()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+# --- the DMD2 helpers ---------------------------------------------------------------------------
+
+
+class GuidedGAN(nn.Module):
+    """CFG of two predictions, then the three GAN losses on logits made from them."""
+
+    def forward(self, cond, uncond, real_logits):
+        guided = fastgen.classifier_free_guidance(cond, uncond, 3.0)
+        fake_logits = guided.mean(dim=(2, 3))[:, :2]
+        return (
+            guided,
+            fastgen.gan_gen_loss(fake_logits),
+            fastgen.gan_disc_loss(real_logits, fake_logits),
+            fastgen.r1_loss(real_logits, fake_logits),
+        )
+
+
+def test_dmd_helpers_compile_in_one_frame_and_export_with_a_dynamic_batch():
+    model = GuidedGAN()
+    args = (torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4), torch.randn(5, 2))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    for b in (5, 7, 9):
+        new = (torch.randn(b, 3, 4, 4), torch.randn(b, 3, 4, 4), torch.randn(b, 2))
+        for got, want in zip(compiled(*new), model(*new)):
+            assert torch.equal(got, want)
+    assert counter.frame_count == 1
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, args, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+    new = (torch.randn(11, 3, 4, 4), torch.randn(11, 3, 4, 4), torch.randn(11, 2))
+    for got, want in zip(program.module()(*new), model(*new)):
+        assert torch.equal(got, want)
