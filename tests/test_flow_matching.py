@@ -425,3 +425,19 @@ def test_constants_by_value():
         torch.zeros(1),
     )
     assert out.item() == 1e6
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
+def test_one_rounding_just_below_a_tie(sign):
+    # 1 + 2^-8 - 2^-30: float32 rounds it up onto the bf16 tie; the exact value lies below the tie,
+    # so the answer is 1.0. Truncating toward zero (not away) is what keeps it below.
+    t = torch.tensor([2.0**-8 - 2.0**-30], dtype=torch.float64)
+    one = torch.full((1, 1), sign, dtype=torch.bfloat16)
+    out = pred_x0_from_flow(-one, one, t)
+    assert out.item() == sign * 1.0
+    assert torch.equal(
+        out,
+        correctly_rounded(
+            torch.tensor([[sign * (1 + t.item())]], dtype=torch.float64), torch.bfloat16
+        ),
+    )

@@ -189,3 +189,47 @@ def test_gan_losses_compile_in_one_frame():
     args = [torch.randn(6, 2) for _ in range(3)]
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     assert torch.equal(compiled(*args), step(*args)) and counter.frame_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vsd_additional_scale_equals_float64_reference(dtype):
+    torch.manual_seed(4)
+    gen = torch.randn(4, 3, 5, dtype=torch.float64).to(dtype).requires_grad_(True)
+    teacher, fake = torch.randn(4, 3, 5).to(dtype), torch.randn(4, 3, 5).to(dtype)
+    scale = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    loss = vsd_loss(gen, teacher, fake, scale)
+    g, t, f = gen.detach().double(), teacher.double(), fake.double()
+    w = scale.double()[:, None, None] / ((g - t).abs().mean(dim=(1, 2), keepdim=True) + 1e-6)
+    expected = 0.5 * (((f - t) * w) ** 2).mean()
+    assert loss.dtype == dtype and loss.item() == expected.to(dtype).item()
+    (grad,) = torch.autograd.grad(loss, gen)
+    torch.testing.assert_close(
+        grad.double(),
+        ((f - t) * w / g.numel()),
+        rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+        atol=0,
+    )
+    with pytest.raises(TypeError, match="additional_scale"):
+        vsd_loss(gen, teacher, fake, torch.ones(4, dtype=torch.long))
+
+
+def test_loss_errors_name_their_arguments():
+    from fastgen import gan_disc_loss, gan_gen_loss, r1_loss
+
+    x = torch.randn(4, 2)
+    for call, name in (
+        (lambda: gan_gen_loss(torch.randn(4)), "fake_logits"),
+        (lambda: gan_disc_loss(torch.randn(4), x), "real_logits"),
+        (lambda: r1_loss(x, torch.randn(4)), "real_logits_perturbed"),
+        (lambda: r1_loss(x, torch.randn(4, 3)), "real_logits and real_logits_perturbed"),
+        (
+            lambda: dsm_loss(x, x0=x, eps=torch.randn(4, 3), t=torch.rand(4), pred_type="flow"),
+            "pred and eps",
+        ),
+        (
+            lambda: dsm_loss(x, x0=torch.randn(4, 3), eps=x, t=torch.rand(4), pred_type="flow"),
+            "pred and x0",
+        ),
+    ):
+        with pytest.raises(ValueError, match=name):
+            call()
