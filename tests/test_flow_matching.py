@@ -428,6 +428,16 @@ def test_constants_by_value():
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
+def test_one_rounding_just_above_a_tie_from_an_odd_float32(sign):
+    # 1 + 2^-8 + 2^-23 - 2^-30 rounds (float32) up to an odd value one ulp above the bf16 tie;
+    # truncating it by exactly one ulp lands on the tie, the sticky bit lifts it: rounds up.
+    t = torch.tensor([2.0**-8 + 2.0**-23 - 2.0**-30], dtype=torch.float64)
+    one = torch.full((1, 1), sign, dtype=torch.bfloat16)
+    out = pred_x0_from_flow(-one, one, t)
+    assert out.item() == sign * (1.0 + 2.0**-7)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
 def test_one_rounding_just_below_a_tie(sign):
     # 1 + 2^-8 - 2^-30: float32 rounds it up onto the bf16 tie; the exact value lies below the tie,
     # so the answer is 1.0. Truncating toward zero (not away) is what keeps it below.

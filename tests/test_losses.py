@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastgen import dsm_loss, vsd_loss
 from fastgen.losses import VSD_WEIGHT_EPS
@@ -217,19 +218,32 @@ def test_loss_errors_name_their_arguments():
     from fastgen import gan_disc_loss, gan_gen_loss, r1_loss
 
     x = torch.randn(4, 2)
-    for call, name in (
-        (lambda: gan_gen_loss(torch.randn(4)), "fake_logits"),
-        (lambda: gan_disc_loss(torch.randn(4), x), "real_logits"),
-        (lambda: r1_loss(x, torch.randn(4)), "real_logits_perturbed"),
-        (lambda: r1_loss(x, torch.randn(4, 3)), "real_logits and real_logits_perturbed"),
-        (
-            lambda: dsm_loss(x, x0=x, eps=torch.randn(4, 3), t=torch.rand(4), pred_type="flow"),
-            "pred and eps",
-        ),
-        (
-            lambda: dsm_loss(x, x0=torch.randn(4, 3), eps=x, t=torch.rand(4), pred_type="flow"),
-            "pred and x0",
-        ),
-    ):
-        with pytest.raises(ValueError, match=name):
+    cases = [
+        (lambda: gan_gen_loss(torch.randn(4)), ValueError, "^fake_logits must be 2-D"),
+        (lambda: gan_gen_loss([1.0]), TypeError, "^fake_logits must be a torch.Tensor"),
+        (lambda: gan_disc_loss(torch.randn(4), x), ValueError, "^real_logits must be 2-D"),
+        (lambda: r1_loss(torch.randn(4), x), ValueError, "^real_logits must be 2-D"),
+        (lambda: r1_loss(x, torch.randn(4)), ValueError, "^real_logits_perturbed must be 2-D"),
+        (lambda: r1_loss(x, torch.randn(4, 3)), ValueError, "^real_logits and real_logits_perturbed"),
+        (lambda: dsm_loss(x, x0=x, eps=torch.randn(4, 3), t=torch.rand(4), pred_type="flow"), ValueError, "^pred and eps"),
+        (lambda: dsm_loss(x, x0=torch.randn(4, 3), eps=x, t=torch.rand(4), pred_type="flow"), ValueError, "^pred and x0"),
+        (lambda: vsd_loss(x, torch.randn(4, 3), x), ValueError, "^gen and teacher_x0"),
+        (lambda: vsd_loss(x, x, x, torch.ones(4, dtype=torch.long)), TypeError, "^additional_scale must be a floating"),
+    ]  # fmt: skip
+    for call, error, words in cases:
+        with pytest.raises(error, match=words):
             call()
+
+
+def test_gan_losses_are_computed_in_float64_where_float32_rounds():
+    from fastgen import gan_disc_loss, gan_gen_loss
+
+    # A float32 softplus is not correctly rounded everywhere (at -x = 14.697 it is one ulp off):
+    # find such logits, then check the losses give the float64 value rounded once.
+    x = torch.linspace(-20, 20, 400_001, dtype=torch.float32)
+    off = x[F.softplus(-x) != F.softplus(-x.double()).float()][:64]
+    assert len(off) == 64
+    for value in off:
+        logit = value.reshape(1, 1)
+        assert gan_gen_loss(logit).item() == _softplus64(-logit).float().item()
+        assert gan_disc_loss(-logit, logit).item() == (2 * _softplus64(logit)).float().item()
