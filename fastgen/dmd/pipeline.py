@@ -213,10 +213,9 @@ class DMDPipeline:
         _check_pair(f"{role} output", raw, "hidden_states", x_t)
         return raw
 
-    def _x0(self, raw: Tensor, x_t: Tensor, t: Tensor, *, exact: bool = False) -> Tensor:
-        """x0 from a raw prediction; ``exact``: kept in float64 (not rounded)."""
-        ref = x_t.to(torch.float64) if exact else x_t
-        return convert_prediction(raw, ref, t, src=self._pred, dst="x0")
+    def _x0(self, raw: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x0 from a raw prediction, in ``x_t``'s dtype (a float64 ``x_t`` keeps it unrounded)."""
+        return convert_prediction(raw, x_t, t, src=self._pred, dst="x0")
 
     def _student_x0(self, x_t, t, ehs, model_kwargs) -> Tensor:
         return self._x0(self._call(self.student, "student", x_t, t, ehs, model_kwargs), x_t, t)
@@ -338,23 +337,22 @@ class DMDPipeline:
         eps = torch.randn_like(latents)
         # The GAN term differentiates through the teacher's features of x_t; VSD does not.
         x_t = add_noise(gen if self._gan else gen.detach(), eps, t)
+        # One float64 copy of x_t: the fake score's and the teacher's x0 (and CFG) stay unrounded.
+        x_t64 = x_t.detach().to(torch.float64)
         with torch.no_grad():
             fake_x0 = self._x0(
-                self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs),
-                x_t,
-                t,
-                exact=True,
+                self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs), x_t64, t
             )
         features = None
         if self._gan:
             raw, features = self._capture.run(
                 lambda: self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
             )
-            teacher_x0 = self._x0(raw.detach(), x_t.detach(), t, exact=True)
+            teacher_x0 = self._x0(raw.detach(), x_t64, t)
         else:
             with torch.no_grad():
                 raw = self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
-                teacher_x0 = self._x0(raw, x_t, t, exact=True)
+                teacher_x0 = self._x0(raw, x_t64, t)
         if scale is not None:
             neg_kwargs = dict(model_kwargs)
             neg_kwargs.pop("txt_seq_lens", None)
@@ -364,20 +362,15 @@ class DMDPipeline:
             neg_kwargs.update(negative_model_kwargs or {})
             self._check_kwargs(neg_kwargs)
             with torch.no_grad():
-                x_t_ng = x_t.detach()
-                uncond = self._x0(
-                    self._call(
-                        self.teacher,
-                        "teacher",
-                        x_t_ng,
-                        t,
-                        negative_encoder_hidden_states,
-                        neg_kwargs,
-                    ),
-                    x_t_ng,
+                raw_uncond = self._call(
+                    self.teacher,
+                    "teacher",
+                    x_t.detach(),
                     t,
-                    exact=True,
+                    negative_encoder_hidden_states,
+                    neg_kwargs,
                 )
+                uncond = self._x0(raw_uncond, x_t64, t)
             teacher_x0 = classifier_free_guidance(teacher_x0, uncond, scale)
         vsd = vsd_loss(gen, teacher_x0, fake_x0)
         if not self._gan:
