@@ -122,3 +122,40 @@ def test_primitive(benchmark, medians, device, dtype, numel, op, mode):
         eager_key=(op, "eager", dtype, numel) if mode == "compiled" else None,
         anchor_key=("anchor", dtype, numel) if op == "add_noise" else None,
     )
+
+
+def under_float32(fn):
+    """``fn`` called under the float32 precision policy (compiled code guards on it)."""
+
+    def run(*args):
+        with fastgen.use_precision("float32"):
+            return fn(*args)
+
+    return run
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_primitive_float32_policy(benchmark, medians, device, dtype, numel, op, mode):
+    a, b, t = inputs(numel, dtype, device)
+    base = OPS[op] if mode == "eager" else torch.compile(OPS[op], fullgraph=True)
+    fn = under_float32(base)
+    benchmark.group = f"{dtype} n={numel}"
+    benchmark.extra_info.update(
+        op=f"{op} [float32 policy]", mode=mode, dtype=str(dtype), numel=numel
+    )
+    out = run_timed(benchmark, fn, device, (a, b, t))
+    assert torch.equal(out, under_float32(OPS[op])(a, b, t))  # compiled equals eager
+    record(
+        benchmark,
+        medians,
+        (op, "float32", mode, dtype, numel),
+        moved_bytes(a, t),
+        copy_key=("copy_bw", dtype, numel),
+        eager_key=(op, "float32", "eager", dtype, numel) if mode == "compiled" else None,
+    )
+    if (op, mode, dtype, numel) in medians and (op, "float32", mode, dtype, numel) in medians:
+        benchmark.extra_info["speedup_vs_float64_policy"] = (
+            medians[(op, mode, dtype, numel)] / medians[(op, "float32", mode, dtype, numel)]
+        )

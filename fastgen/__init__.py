@@ -39,6 +39,7 @@ from fastgen.flow_matching import (
 )
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
 from fastgen.modules import ParamConverter, RFForward, TimestepSampler
+from fastgen.precision import get_precision, set_precision, use_precision
 from fastgen.timesteps import make_t_list, resolution_shift, sample_from_t_list, sample_timesteps
 
 __version__ = "0.1.0"
@@ -56,6 +57,10 @@ __all__ = [
     "convert_prediction",
     "DENOM_MIN",
     "set_value_checks",
+    # precision policy
+    "set_precision",
+    "get_precision",
+    "use_precision",
     # timestep sampling
     "SampleTimestepConfig",
     "sample_timesteps",

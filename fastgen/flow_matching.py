@@ -12,7 +12,9 @@ RF convention used throughout: :math:`\alpha_t = 1 - t` and :math:`\sigma_t = t`
 
 with t = 0 the data and t = 1 pure noise. Internally all arithmetic is in float64 and the
 result is rounded once to the output dtype, so every output is the correctly rounded float64
-value of its formula, and eager and compiled results are bitwise equal.
+value of its formula, and eager and compiled results are bitwise equal. Under the float32
+precision policy (:mod:`fastgen.precision`) the same formulas run in float32 with compensated
+products and differences, and no float64 tensor is created.
 
 ``t`` may be 0-d, shape ``[B]``, or any shape that lines up with the leading dims of the data
 (``[B, 1, T]`` against video latents ``[B, C, T, H, W]`` gives per-frame timesteps);
@@ -32,7 +34,9 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
-from fastgen._rounding import round_once
+from fastgen import _compensated as comp
+from fastgen._rounding import round_once, round_pair
+from fastgen.precision import compute_dtype, widen
 
 __all__ = [
     "DENOM_MIN",
@@ -203,9 +207,10 @@ def _check_t(t: Tensor, x: Tensor) -> Tensor:
     return t
 
 
-def _t64(t: Tensor, x: Tensor) -> Tensor:
-    """:func:`_check_t`, in float64."""
-    return _check_t(t, x).to(torch.float64)
+def _t_wide(t: Tensor, x: Tensor) -> tuple[Tensor, torch.dtype]:
+    """:func:`_check_t`, in the compute dtype of the policy (returned with it)."""
+    wide = compute_dtype(x.device)
+    return widen(_check_t(t, x), wide), wide
 
 
 def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -232,9 +237,11 @@ def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         tensor([[1.5000, 3.2500]])
     """
     _check_pair("x0", x0, "eps", eps)
-    t64 = _t64(t, x0)
-    x_t = (1.0 - t64) * x0.to(torch.float64) + t64 * eps.to(torch.float64)
-    return round_once(x_t, x0.dtype)
+    t_w, wide = _t_wide(t, x0)
+    x0_w, eps_w = widen(x0, wide), widen(eps, wide)
+    if wide == torch.float32:
+        return round_pair(*comp.lerp(x0_w, eps_w, t_w), x0.dtype)
+    return round_once((1.0 - t_w) * x0_w + t_w * eps_w, x0.dtype)
 
 
 def pred_noise_to_pred_x0(pred_noise: Tensor, noisy_latents: Tensor, t: Tensor) -> Tensor:
@@ -261,10 +268,12 @@ def pred_noise_to_pred_x0(pred_noise: Tensor, noisy_latents: Tensor, t: Tensor) 
         tensor([2.])
     """
     _check_pair("pred_noise", pred_noise, "noisy_latents", noisy_latents)
-    t64 = _t64(t, noisy_latents)
-    x0 = (noisy_latents.to(torch.float64) - t64 * pred_noise.to(torch.float64)) / (
-        1.0 - t64
-    ).clamp_min(DENOM_MIN)
+    t_w, wide = _t_wide(t, noisy_latents)
+    x_t, eps = widen(noisy_latents, wide), widen(pred_noise, wide)
+    if wide == torch.float64:
+        x0 = (x_t - t_w * eps) / (1.0 - t_w).clamp_min(DENOM_MIN)
+    else:
+        x0 = comp.div_one_minus(comp.add_prod(x_t, -t_w, eps)[0], t_w, DENOM_MIN)
     return round_once(x0, noisy_latents.dtype)
 
 
@@ -292,9 +301,11 @@ def pred_x0_from_flow(pred_flow: Tensor, noisy_latents: Tensor, t: Tensor) -> Te
         tensor([2.])
     """
     _check_pair("pred_flow", pred_flow, "noisy_latents", noisy_latents)
-    t64 = _t64(t, noisy_latents)
-    x0 = noisy_latents.to(torch.float64) - t64 * pred_flow.to(torch.float64)
-    return round_once(x0, noisy_latents.dtype)
+    t_w, wide = _t_wide(t, noisy_latents)
+    x_t, flow = widen(noisy_latents, wide), widen(pred_flow, wide)
+    if wide == torch.float32:
+        return round_pair(*comp.add_prod(x_t, -t_w, flow), noisy_latents.dtype)
+    return round_once(x_t - t_w * flow, noisy_latents.dtype)
 
 
 def rf_alpha(t: Tensor) -> Tensor:
@@ -317,7 +328,8 @@ def rf_alpha(t: Tensor) -> Tensor:
     """
     _check_float_tensor("t", t)
     _check_t_values(t)
-    return round_once(1.0 - t.to(torch.float64), t.dtype)
+    # 1 - t is exact in float32 for t >= 0.5 and correctly rounded below: one rounding either way.
+    return round_once(1.0 - widen(t, compute_dtype(t.device)), t.dtype)
 
 
 def rf_sigma(t: Tensor) -> Tensor:
@@ -368,9 +380,15 @@ def x0_to_eps(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         tensor([1.])
     """
     _check_pair("x0", x0, "x_t", x_t)
-    t64 = _t64(t, x_t)
-    eps = (x_t.to(torch.float64) - (1.0 - t64) * x0.to(torch.float64)) / t64.clamp_min(DENOM_MIN)
-    return round_once(eps, x_t.dtype)
+    t_w, wide = _t_wide(t, x_t)
+    x_t_w, x0_w = widen(x_t, wide), widen(x0, wide)
+    if wide == torch.float64:
+        num = x_t_w - (1.0 - t_w) * x0_w
+    else:
+        # x_t - (1 - t) x0 = (x_t - x0) + t x0: the difference and the product taken exactly.
+        d, d_err = comp.two_sum(x_t_w, -x0_w)
+        num = comp.add_prod(d, t_w, x0_w, d_err)[0]
+    return round_once(num / t_w.clamp_min(DENOM_MIN), x_t.dtype)
 
 
 def x0_to_flow(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -401,8 +419,9 @@ def x0_to_flow(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         tensor([-1.])
     """
     _check_pair("x0", x0, "x_t", x_t)
-    t64 = _t64(t, x_t)
-    flow = (x_t.to(torch.float64) - x0.to(torch.float64)) / t64.clamp_min(DENOM_MIN)
+    t_w, wide = _t_wide(t, x_t)
+    # In float32 the difference and the division round once each: no compensation needed.
+    flow = (widen(x_t, wide) - widen(x0, wide)) / t_w.clamp_min(DENOM_MIN)
     return round_once(flow, x_t.dtype)
 
 
@@ -444,7 +463,7 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
     if src == dst:
         _check_pair("pred", pred, "x_t", x_t)
         _check_t(t, x_t)
-        return pred if pred.dtype == x_t.dtype else round_once(pred.to(torch.float64), x_t.dtype)
+        return pred if pred.dtype == x_t.dtype else round_once(pred, x_t.dtype)
     if src == "flow" and dst == "x0":
         return pred_x0_from_flow(pred, x_t, t)
     if src == "eps" and dst == "x0":
@@ -454,11 +473,18 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
     if src == "x0" and dst == "flow":
         return x0_to_flow(pred, x_t, t)
     _check_pair("pred", pred, "x_t", x_t)
-    t64 = _t64(t, x_t)
-    if src == "flow":  # flow -> eps
-        out = x_t.to(torch.float64) + (1.0 - t64) * pred.to(torch.float64)
-    else:  # eps -> flow
-        out = (pred.to(torch.float64) - x_t.to(torch.float64)) / (1.0 - t64).clamp_min(DENOM_MIN)
+    t_w, wide = _t_wide(t, x_t)
+    x_t_w, pred_w = widen(x_t, wide), widen(pred, wide)
+    if src == "flow" and wide == torch.float64:  # flow -> eps
+        out = x_t_w + (1.0 - t_w) * pred_w
+    elif src == "flow":
+        # x_t + (1 - t) v = (x_t + v) - t v, the sum and the product taken exactly.
+        d, d_err = comp.two_sum(x_t_w, pred_w)
+        return round_pair(*comp.add_prod(d, -t_w, pred_w, d_err), x_t.dtype)
+    elif wide == torch.float64:  # eps -> flow
+        out = (pred_w - x_t_w) / (1.0 - t_w).clamp_min(DENOM_MIN)
+    else:
+        out = comp.div_one_minus(pred_w - x_t_w, t_w, DENOM_MIN)
     return round_once(out, x_t.dtype)
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastgen._rounding import round_once
 from fastgen.flow_matching import _check_float_tensor, _check_pair, _check_t, expand_like
+from fastgen.precision import compute_dtype, widen
 
 __all__ = ["VSD_WEIGHT_EPS", "dsm_loss", "gan_disc_loss", "gan_gen_loss", "r1_loss", "vsd_loss"]
 
@@ -43,7 +44,7 @@ def dsm_loss(
         pred_type: ``"x0"``, ``"eps"`` or ``"flow"``.
 
     Returns:
-        A 0-d tensor in ``pred``'s dtype (float64 inside, one rounding).
+        A 0-d tensor in ``pred``'s dtype (computed in the policy's dtype, rounded once).
 
     Example:
         >>> import torch
@@ -56,13 +57,14 @@ def dsm_loss(
     _check_pair("pred", pred, "x0", x0)
     _check_pair("pred", pred, "eps", eps)
     _check_t(t, pred)
+    wide = compute_dtype(pred.device)
     if pred_type == "x0":
-        target = x0.to(torch.float64)
+        target = widen(x0, wide)
     elif pred_type == "eps":
-        target = eps.to(torch.float64)
+        target = widen(eps, wide)
     else:
-        target = eps.to(torch.float64) - x0.to(torch.float64)
-    return round_once(torch.mean((pred.to(torch.float64) - target) ** 2), pred.dtype)
+        target = widen(eps, wide) - widen(x0, wide)
+    return round_once(torch.mean((widen(pred, wide) - target) ** 2), pred.dtype)
 
 
 def vsd_loss(
@@ -105,17 +107,18 @@ def vsd_loss(
         raise ValueError(
             f"gen must have a batch dim and data dims (ndim >= 2), got {tuple(gen.shape)}"
         )
-    gen64 = gen.to(torch.float64)
+    wide = compute_dtype(gen.device)
+    gen_w = widen(gen, wide)
     with torch.no_grad():
-        teacher64 = teacher_x0.detach().to(torch.float64)
-        diff = gen64.detach() - teacher64
+        teacher_w = widen(teacher_x0.detach(), wide)
+        diff = gen_w.detach() - teacher_w
         norm = diff.abs().mean(dim=tuple(range(1, gen.ndim)), keepdim=True)
-        grad = (fake_x0.detach().to(torch.float64) - teacher64) / (norm + VSD_WEIGHT_EPS)
+        grad = (widen(fake_x0.detach(), wide) - teacher_w) / (norm + VSD_WEIGHT_EPS)
         if additional_scale is not None:
             _check_float_tensor("additional_scale", additional_scale)
-            grad = grad * expand_like(additional_scale.detach(), gen).to(torch.float64)
-        target = gen64.detach() - grad
-    return round_once(0.5 * torch.mean((gen64 - target) ** 2), gen.dtype)
+            grad = grad * widen(expand_like(additional_scale.detach(), gen), wide)
+        target = gen_w.detach() - grad
+    return round_once(0.5 * torch.mean((gen_w - target) ** 2), gen.dtype)
 
 
 def _check_logits(name: str, logits: object) -> None:
@@ -135,7 +138,7 @@ def gan_gen_loss(fake_logits: Tensor) -> Tensor:
         fake_logits: Discriminator logits on generated samples, ``[B, n_heads]``.
 
     Returns:
-        A 0-d tensor in ``fake_logits``' dtype (float64 inside, one rounding).
+        A 0-d tensor in ``fake_logits``' dtype (computed in the policy's dtype, rounded once).
 
     Example:
         >>> import torch
@@ -143,7 +146,8 @@ def gan_gen_loss(fake_logits: Tensor) -> Tensor:
         0.693147
     """
     _check_logits("fake_logits", fake_logits)
-    return round_once(F.softplus(-fake_logits.to(torch.float64)).mean(), fake_logits.dtype)
+    wide = compute_dtype(fake_logits.device)
+    return round_once(F.softplus(-widen(fake_logits, wide)).mean(), fake_logits.dtype)
 
 
 def gan_disc_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -159,7 +163,7 @@ def gan_disc_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         fake_logits: Logits on (noised) generated samples, ``[B', n_heads]``.
 
     Returns:
-        A 0-d tensor in ``real_logits``' dtype (float64 inside, one rounding).
+        A 0-d tensor in ``real_logits``' dtype (computed in the policy's dtype, rounded once).
 
     Example:
         >>> import torch
@@ -168,9 +172,9 @@ def gan_disc_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """
     _check_logits("real_logits", real_logits)
     _check_logits("fake_logits", fake_logits)
+    wide = compute_dtype(real_logits.device)
     loss = (
-        F.softplus(fake_logits.to(torch.float64)).mean()
-        + F.softplus(-real_logits.to(torch.float64)).mean()
+        F.softplus(widen(fake_logits, wide)).mean() + F.softplus(-widen(real_logits, wide)).mean()
     )
     return round_once(loss, real_logits.dtype)
 
@@ -189,7 +193,7 @@ def r1_loss(real_logits: Tensor, real_logits_perturbed: Tensor) -> Tensor:
         real_logits_perturbed: Logits on the same data plus ``alpha * N(0, 1)``, same shape.
 
     Returns:
-        A 0-d tensor in ``real_logits``' dtype (float64 inside, one rounding).
+        A 0-d tensor in ``real_logits``' dtype (computed in the policy's dtype, rounded once).
 
     Example:
         >>> import torch
@@ -199,5 +203,6 @@ def r1_loss(real_logits: Tensor, real_logits_perturbed: Tensor) -> Tensor:
     _check_logits("real_logits", real_logits)
     _check_logits("real_logits_perturbed", real_logits_perturbed)
     _check_pair("real_logits", real_logits, "real_logits_perturbed", real_logits_perturbed)
-    diff = real_logits.to(torch.float64) - real_logits_perturbed.to(torch.float64)
+    wide = compute_dtype(real_logits.device)
+    diff = widen(real_logits, wide) - widen(real_logits_perturbed, wide)
     return round_once(torch.mean(diff**2), real_logits.dtype)

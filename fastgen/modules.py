@@ -24,7 +24,7 @@ class RFForward(nn.Module):
 
         x_t = (1 - t)\, x_0 + t\, \epsilon
 
-    Returns ``x_t`` in ``x0``'s dtype (float64 inside, one rounding).
+    Returns ``x_t`` in ``x0``'s dtype (the policy's dtype inside, one rounding).
 
     Example:
         >>> import torch
@@ -41,7 +41,7 @@ class ParamConverter(nn.Module):
     r"""Convert predictions from parameterization ``src`` to ``dst`` (``x0``, ``eps``, ``flow``).
 
     ``forward(pred, x_t, t)`` is :func:`~fastgen.convert_prediction`; the output is in
-    ``x_t``'s dtype (float64 inside, one rounding). Flow <-> x0 and flow -> eps are division
+    ``x_t``'s dtype (the policy's dtype inside, one rounding). Flow <-> x0 and flow -> eps are division
     free (:math:`x_0 = x_t - t v`, :math:`\epsilon = x_t + (1 - t) v`), hence exact everywhere.
 
     Args:
@@ -77,8 +77,8 @@ class TimestepSampler(nn.Module):
 
     ``forward(x)`` returns float32 ``t`` of shape ``[x.shape[0]]`` on ``x``'s device, drawn by
     :func:`~fastgen.sample_timesteps`. :meth:`sample_t_list` draws the student's rungs from
-    ``cfg.t_list`` with their indices; the ladder is also kept as a non-persistent float64
-    buffer ``t_list`` (it follows ``.to(device)``, stays out of ``state_dict``), so the next
+    ``cfg.t_list`` with their indices; the ladder is also kept as a non-persistent float32
+    buffer ``t_list`` (the rungs exactly as the samples hold them; float32 also moves to MPS) (it follows ``.to(device)``, stays out of ``state_dict``), so the next
     rung is ``sampler.t_list[k + 1]``, looked up on device. No generator: every draw uses the
     device's default RNG, so it compiles, exports and captures in CUDA graphs; seed each DDP
     rank differently to give ranks different timesteps.
@@ -104,7 +104,7 @@ class TimestepSampler(nn.Module):
         if not isinstance(cfg, SampleTimestepConfig):
             raise TypeError(f"cfg must be a SampleTimestepConfig, got {type(cfg).__name__}")
         self.config = cfg
-        ladder = None if cfg.t_list is None else torch.tensor(cfg.t_list, dtype=torch.float64)
+        ladder = None if cfg.t_list is None else torch.tensor(cfg.t_list, dtype=torch.float32)
         self.register_buffer("t_list", ladder, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:

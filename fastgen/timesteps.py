@@ -21,8 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastgen._rounding import round_once
+from fastgen._rounding import round_once, round_scalar
 from fastgen.config import SampleTimestepConfig, check_t_list
+from fastgen.precision import compute_dtype
 
 __all__ = ["make_t_list", "resolution_shift", "sample_from_t_list", "sample_timesteps"]
 
@@ -113,38 +114,38 @@ def truncated_cdf(t: float, cfg: SampleTimestepConfig) -> float:
 
 
 def _uniforms(
-    n: int, stratified: bool, device: torch.device | str | None, generator: torch.Generator | None
+    n: int,
+    stratified: bool,
+    device: torch.device | str | None,
+    generator: torch.Generator | None,
+    wide: torch.dtype,
 ) -> Tensor:
     # generator=None is a separate overload that rejects symbolic sizes: only pass a real one.
     if generator is None:
-        u = torch.rand(n, device=device, dtype=torch.float64)
+        u = torch.rand(n, device=device, dtype=wide)
     else:
-        u = torch.rand(n, device=device, dtype=torch.float64, generator=generator)
+        u = torch.rand(n, device=device, dtype=wide, generator=generator)
     if stratified:
         # One draw per stratum [i/n, (i+1)/n), strata shuffled so no sample index is biased.
         if generator is None:
             strata = torch.randperm(n, device=device)
         else:
             strata = torch.randperm(n, device=device, generator=generator)
-        u = (strata.to(torch.float64) + u) / n
+        u = (strata.to(wide) + u) / n
     return u
 
 
 def _cast_inside(t: Tensor, lo: float, hi: float, dtype: torch.dtype) -> Tensor:
-    """Round float64 ``t`` (already in [lo, hi]) to ``dtype`` without leaving [lo, hi].
+    """Round ``t`` (already in [lo, hi]) once to ``dtype`` without leaving [lo, hi].
 
-    Nearest rounding can cross a bound (0.999 rounds to 1.0 in bf16). For positive floats the
-    next representable value towards zero is the bit pattern minus one, so a sample that
-    rounded out is stepped back in by one ulp: no constants, no syncs, fuses under compile.
+    Nearest rounding can cross a bound (0.999 rounds to 1.0 in bf16); such a sample becomes
+    the nearest representable value inside, the bound rounded inwards on the host (a
+    constant under compile, no sync).
     """
-    if dtype == torch.float64:
+    if dtype == t.dtype == torch.float64:
         return t
-    rounded = round_once(t, dtype)
-    as_int = torch.int16 if torch.finfo(dtype).bits == 16 else torch.int32
-    bits = rounded.view(as_int)
-    wide = rounded.to(torch.float64)
-    rounded = torch.where(wide > hi, (bits - 1).view(dtype), rounded)
-    return torch.where(wide < lo, (bits + 1).view(dtype), rounded)
+    inner_lo, inner_hi = round_scalar(lo, dtype, "up"), round_scalar(hi, dtype, "down")
+    return round_once(t, dtype).clamp(inner_lo, inner_hi)
 
 
 def _check_sampling_args(n: object, dtype: object, generator: torch.Generator | None) -> None:
@@ -201,7 +202,8 @@ def sample_timesteps(
         generator: Optional generator for reproducible eager draws.
 
     Returns:
-        Tensor ``[n]`` in ``dtype``, computed in float64 and rounded once, inside
+        Tensor ``[n]`` in ``dtype``, computed in float64 (float32 under that policy) and
+        rounded once, inside
         ``[min_t, max_t]`` even after rounding: a value that would round past a bound is the
         nearest representable value inside it.
 
@@ -215,7 +217,8 @@ def sample_timesteps(
     if not isinstance(cfg, SampleTimestepConfig):
         raise TypeError(f"cfg must be a SampleTimestepConfig, got {type(cfg).__name__}")
     _check_sampling_args(n, dtype, generator)
-    u = _uniforms(n, cfg.stratified, device, generator)
+    wide = compute_dtype(torch.device("cpu") if device is None else torch.device(device))
+    u = _uniforms(n, cfg.stratified, device, generator, wide)
     if cfg.time_dist_type == "polynomial":
         index = torch.floor(u * POLYNOMIAL_GRID).clamp_max(POLYNOMIAL_GRID - 1)
         t = cfg.min_t + (cfg.max_t - cfg.min_t) / (POLYNOMIAL_GRID - 1) * index
@@ -276,10 +279,11 @@ def sample_from_t_list(
         index = torch.randint(0, len(rungs) - 1, (n,), device=device)
     else:
         index = torch.randint(0, len(rungs) - 1, (n,), device=device, generator=generator)
-    t = torch.full((n,), rungs[0], dtype=torch.float64, device=device)
+    # Each rung rounded once on the host, so the tensor holds exact values in any dtype.
+    rungs = [round_scalar(r, dtype) for r in rungs]
+    t = torch.full((n,), rungs[0], dtype=dtype, device=device)
     for k in range(1, len(rungs) - 1):
         t = torch.where(index == k, rungs[k], t)
-    t = round_once(t, dtype)
     return (t, index) if return_index else t
 
 

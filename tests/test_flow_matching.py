@@ -451,3 +451,28 @@ def test_one_rounding_just_below_a_tie(sign):
             torch.tensor([[sign * (1 + t.item())]], dtype=torch.float64), torch.bfloat16
         ),
     )
+
+
+SIGNATURES = {  # function -> its tensor arguments' names, in order (the third is t)
+    pred_noise_to_pred_x0: ("pred_noise", "noisy_latents"),
+    pred_x0_from_flow: ("pred_flow", "noisy_latents"),
+    x0_to_eps: ("x0", "x_t"),
+    x0_to_flow: ("x0", "x_t"),
+    add_noise: ("x0", "eps"),
+}
+
+
+@pytest.mark.parametrize("fn", list(SIGNATURES), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("position", [0, 1])
+def test_type_errors_begin_with_the_argument_name(fn, position):
+    args = [torch.zeros(2, 3), torch.zeros(2, 3), torch.rand(2)]
+    args[position] = args[position].tolist()
+    name = SIGNATURES[fn][position]
+    with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list"):
+        fn(*args)
+
+
+def test_rf_alpha_and_sigma_name_t_in_their_type_errors():
+    for fn in (rf_alpha, rf_sigma):
+        with pytest.raises(TypeError, match="^t must be a torch.Tensor, got list"):
+            fn([0.5])

@@ -7,8 +7,10 @@ import math
 import torch
 from torch import Tensor
 
-from fastgen._rounding import round_once
+from fastgen import _compensated as comp
+from fastgen._rounding import round_once, round_pair
 from fastgen.flow_matching import _check_pair, expand_like
+from fastgen.precision import compute_dtype, widen
 
 __all__ = ["check_scale", "classifier_free_guidance"]
 
@@ -40,7 +42,8 @@ def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float | Tensor
         scale: The guidance scale: a finite float, or a tensor ``[B]`` (one per sample).
 
     Returns:
-        The guided prediction in ``cond``'s dtype: the float64 value rounded once.
+        The guided prediction in ``cond``'s dtype: the float64 value rounded once (compensated
+        float32 under the float32 policy).
 
     Example:
         >>> import torch
@@ -48,10 +51,20 @@ def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float | Tensor
         tensor([[4.]])
     """
     _check_pair("cond", cond, "uncond", uncond)
+    wide = compute_dtype(cond.device)
     if isinstance(scale, Tensor):
-        s = expand_like(scale, cond).to(torch.float64)
+        s = widen(expand_like(scale, cond), wide)
     else:
         check_scale("scale", scale)
         s = scale
-    cond64 = cond.to(torch.float64)
-    return round_once(cond64 + (s - 1.0) * (cond64 - uncond.to(torch.float64)), cond.dtype)
+    cond_w, uncond_w = widen(cond, wide), widen(uncond, wide)
+    if wide == torch.float64:
+        return round_once(cond_w + (s - 1.0) * (cond_w - uncond_w), cond.dtype)
+    # float32: the difference and the product carried exactly (s - 1 rounded to float32 once).
+    s_minus_1 = (
+        s - 1.0
+        if isinstance(s, Tensor)
+        else torch.full((), s - 1.0, dtype=wide, device=cond.device)
+    )
+    d, d_err = comp.two_sum(cond_w, -uncond_w)
+    return round_pair(*comp.add_prod(cond_w, s_minus_1, d, s_minus_1 * d_err), cond.dtype)

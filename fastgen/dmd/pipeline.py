@@ -44,6 +44,7 @@ from fastgen.dmd.factory import is_sharded
 from fastgen.dmd.guidance import check_scale, classifier_free_guidance
 from fastgen.flow_matching import _check_pair, add_noise, convert_prediction, x0_to_eps
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
+from fastgen.precision import compute_dtype, widen
 from fastgen.timesteps import sample_from_t_list, sample_timesteps
 
 __all__ = ["DMDPipeline"]
@@ -192,7 +193,7 @@ class DMDPipeline:
         if self._t_scale is None:
             return t
         dtype = torch.float32 if self.config.timestep_dtype == "float32" else x_t.dtype
-        return round_once(t.to(torch.float64) * float(self._t_scale), dtype)
+        return round_once(widen(t, compute_dtype(t.device)) * float(self._t_scale), dtype)
 
     def _call(
         self,
@@ -229,19 +230,20 @@ class DMDPipeline:
         self, latents: Tensor, noise: Tensor, ehs: Tensor | None, model_kwargs: dict[str, Any]
     ) -> tuple[Tensor, Tensor]:
         n = latents.shape[0]
+        wide = compute_dtype(noise.device)
         if self._steps == 1:
             t_s = torch.full((n,), self._max_t, device=noise.device, dtype=torch.float32)
-            return round_once(noise.to(torch.float64) * self._max_t, noise.dtype), t_s
+            return round_once(widen(noise, wide) * self._max_t, noise.dtype), t_s
         t_s, k = sample_from_t_list(
             n, self._t_list, device=noise.device, dtype=torch.float32, return_index=True
         )
         if not self.config.backward_simulation:
             return add_noise(latents, noise, t_s), t_s
         ladder = self._t_list
-        pure = round_once(noise.to(torch.float64) * ladder[0], noise.dtype)
+        pure = round_once(widen(noise, wide) * ladder[0], noise.dtype)
         with torch.no_grad():
             # Fresh noise for the unroll: the student's own sample, independent of `noise`.
-            x = round_once(torch.randn_like(noise, dtype=torch.float64) * ladder[0], noise.dtype)
+            x = round_once(torch.randn_like(noise, dtype=wide) * ladder[0], noise.dtype)
             x0_at_k = torch.zeros_like(noise)
             for j in range(self._steps - 1):
                 t_j = torch.full((n,), ladder[j], device=noise.device, dtype=torch.float32)
@@ -337,8 +339,9 @@ class DMDPipeline:
         eps = torch.randn_like(latents)
         # The GAN term differentiates through the teacher's features of x_t; VSD does not.
         x_t = add_noise(gen if self._gan else gen.detach(), eps, t)
-        # One float64 copy of x_t: the fake score's and the teacher's x0 (and CFG) stay unrounded.
-        x_t64 = x_t.detach().to(torch.float64)
+        # One copy of x_t in the compute dtype (float64 by default): the fake score's and the
+        # teacher's x0 (and CFG) stay unrounded.
+        x_t64 = widen(x_t.detach(), compute_dtype(x_t.device))
         with torch.no_grad():
             fake_x0 = self._x0(
                 self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs), x_t64, t
@@ -376,9 +379,9 @@ class DMDPipeline:
         if not self._gan:
             return {"vsd": vsd, "total": vsd}
         gan_gen = gan_gen_loss(self._logits_without_weight_grads(features))
+        wide = compute_dtype(vsd.device)
         total = round_once(
-            vsd.to(torch.float64) + self.config.gan_loss_weight_gen * gan_gen.to(torch.float64),
-            vsd.dtype,
+            widen(vsd, wide) + self.config.gan_loss_weight_gen * widen(gan_gen, wide), vsd.dtype
         )
         return {"vsd": vsd, "gan_gen": gan_gen, "total": total}
 
@@ -477,15 +480,15 @@ class DMDPipeline:
             return {"gan_disc": disc, "total": disc}
         with torch.no_grad():
             z = torch.randn_like(latents)
+            wide = compute_dtype(latents.device)
             perturbed = round_once(
-                latents.to(torch.float64) + self.config.gan_r1_reg_alpha * z.to(torch.float64),
-                latents.dtype,
+                widen(latents, wide) + self.config.gan_r1_reg_alpha * widen(z, wide), latents.dtype
             )
             perturbed_feats = features(perturbed, t_real)
         r1 = r1_loss(real_logits, self.discriminator(perturbed_feats))
+        wide = compute_dtype(disc.device)
         total = round_once(
-            disc.to(torch.float64) + self.config.gan_r1_reg_weight * r1.to(torch.float64),
-            disc.dtype,
+            widen(disc, wide) + self.config.gan_r1_reg_weight * widen(r1, wide), disc.dtype
         )
         return {"gan_disc": disc, "r1": r1, "total": total}
 
