@@ -46,7 +46,15 @@ CASES = {
         "sample_t_cfg": {"time_dist_type": "shifted", "t_list": [0.999, 0.937, 0.833, 0.624, 0.0]},
     },
 }
-IMPLS = ["modelopt-eager", "fastgen-eager", "fastgen-compiled"]  # modelopt first: ratios in one run
+# modelopt first: ratios in one run. "+batched-cfg": guidance_batching="batched" (one teacher
+# call of batch 2B); "+float32": the float32 precision policy.
+IMPLS = [
+    "modelopt-eager",
+    "fastgen-eager",
+    "fastgen-compiled",
+    "fastgen-compiled+batched-cfg",
+    "fastgen-compiled+float32",
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -62,9 +70,11 @@ def test_dmd2_update(benchmark, device, is_smoke, medians, impl, case, dtype):
     if impl.startswith("modelopt"):
         pipe = mtf.DMDPipeline(student, teacher, fake, mtf.DMDConfig(**kwargs))
     else:
+        if impl.endswith("+batched-cfg"):
+            kwargs["guidance_batching"] = "batched"
         pipe = fastgen.DMDPipeline(student, teacher, fake, fastgen.DMDConfig(**kwargs))
     student_loss, fake_loss = pipe.compute_student_loss, pipe.compute_fake_score_loss
-    if impl == "fastgen-compiled":
+    if impl.startswith("fastgen-compiled"):
         student_loss = torch.compile(student_loss, fullgraph=True)
         fake_loss = torch.compile(fake_loss, fullgraph=True)
     b = 2 if is_smoke else 8
@@ -76,9 +86,12 @@ def test_dmd2_update(benchmark, device, is_smoke, medians, impl, case, dtype):
     )
     params = list(student.parameters()) + list(fake.parameters())
 
+    precision = "float32" if impl.endswith("+float32") else "auto"
+
     def update():
-        loss = student_loss(latents, noise, text, negative_encoder_hidden_states=empty)["total"]
-        loss = loss + fake_loss(latents, noise, text)["total"]
+        with fastgen.use_precision(precision):
+            loss = student_loss(latents, noise, text, negative_encoder_hidden_states=empty)
+            loss = loss["total"] + fake_loss(latents, noise, text)["total"]
         loss.backward()
         for p in params:
             p.grad = None

@@ -43,9 +43,7 @@ def one_minus(t: Tensor) -> tuple[Tensor, Tensor]:
     return two_sum(1.0, -t)
 
 
-def add_prod(
-    x: Tensor, a: Tensor, b: Tensor, x_err: Tensor | float = 0.0
-) -> tuple[Tensor, Tensor]:
+def add_prod(x: Tensor, a: Tensor, b: Tensor, x_err: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
     """``x + x_err + a * b`` as ``(hi, lo)``: ``hi`` the float32 result, ``lo`` what it misses.
 
     The product is exact and the sum's error carried; ``x_err`` is the exact low part of a

@@ -93,6 +93,12 @@ def widen(x: Tensor, dtype: torch.dtype) -> Tensor:
     Both steps are exact, so the bits are those of a direct cast; eager PyTorch converts
     half-precision to float32 faster than to float64, and the float32 -> float64 step is cheap.
     """
-    if dtype == torch.float64 and x.dtype in (torch.bfloat16, torch.float16):
+    # Eager only: inductor fuses the casts anyway, and a float32 step in a fused kernel lets it
+    # read a bf16 value it has just computed without that value's rounding.
+    if (
+        dtype == torch.float64
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and not torch.compiler.is_compiling()
+    ):
         return x.to(torch.float32).to(torch.float64)
     return x.to(dtype)

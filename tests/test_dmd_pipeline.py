@@ -471,3 +471,63 @@ def test_bad_input_is_a_clear_error(words, call, error):
 
 def test_bad_input_table_is_large_enough():
     assert len(BAD) >= 20
+
+
+# --- guidance_batching="batched": one teacher call of batch 2B --------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_batched_guidance_equals_separate_calls_with_one_teacher_call(monkeypatch, steps):
+    results, calls = [], []
+    for batching in ("separate", "batched"):
+        make = config if steps == 1 else multistep
+        cfg = make(guidance_scale=3.0, guidance_batching=batching)
+        pipe = pipeline(cfg)
+        handle = pipe.teacher.register_forward_hook(
+            lambda m, args, kwargs, out, tag=batching: calls.append(
+                (tag, kwargs["hidden_states"].shape[0])
+            ),
+            with_kwargs=True,
+        )
+        lat, noise, cond, neg = toy_batch(5)
+        pinned(monkeypatch, pipe, torch.rand(5) * 0.9 + 0.05, torch.randn(5, 4, 8, 8))
+        torch.manual_seed(3)  # the same unrolled sample in both (4 steps)
+        results.append(
+            pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg)["vsd"]
+        )
+        handle.remove()
+        monkeypatch.undo()  # the next pipeline's construction draws with the real randn_like
+    assert [c for c in calls if c[0] == "separate"] == [("separate", 5)] * 2
+    assert [c for c in calls if c[0] == "batched"] == [("batched", 10)]
+    # the same loss up to the network's batch-size-dependent float32 rounding
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=0)
+
+
+def test_batched_guidance_is_one_graph_for_every_batch():
+    pipe = pipeline(config(guidance_scale=3.0, guidance_batching="batched"))
+    counter = CompileCounter()
+    fn = torch.compile(
+        lambda lat, noise, cond, neg: pipe.compute_student_loss(
+            lat, noise, cond, negative_encoder_hidden_states=neg
+        ),
+        backend=counter,
+        fullgraph=True,
+        dynamic=True,
+    )
+    for b in BATCHES:
+        fn(*toy_batch(b))["total"].backward()
+    assert counter.frame_count == 1
+
+
+def test_batched_guidance_rejects_what_it_cannot_batch():
+    pipe = pipeline(config(guidance_scale=3.0, guidance_batching="batched"))
+    lat, noise, cond, neg = toy_batch(5)
+    with pytest.raises(ValueError, match="one shape, got \\(5, 3, 8\\) and \\(5, 2, 8\\)"):
+        pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg[:, :2])
+    with pytest.raises(ValueError, match="'return_dict' differs"):
+        pipe.compute_student_loss(
+            lat, noise, cond, negative_encoder_hidden_states=neg,
+            negative_model_kwargs={"return_dict": False}, return_dict=True,
+        )  # fmt: skip
+    with pytest.raises(pydantic.ValidationError, match="cannot run with the GAN branch"):
+        config(guidance_scale=3.0, guidance_batching="batched", gan_loss_weight_gen=0.1)

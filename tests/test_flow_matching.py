@@ -468,11 +468,11 @@ def test_type_errors_begin_with_the_argument_name(fn, position):
     args = [torch.zeros(2, 3), torch.zeros(2, 3), torch.rand(2)]
     args[position] = args[position].tolist()
     name = SIGNATURES[fn][position]
-    with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=rf"^{name} must be a torch\.Tensor, got list"):
         fn(*args)
 
 
 def test_rf_alpha_and_sigma_name_t_in_their_type_errors():
     for fn in (rf_alpha, rf_sigma):
-        with pytest.raises(TypeError, match="^t must be a torch.Tensor, got list"):
+        with pytest.raises(TypeError, match=r"^t must be a torch\.Tensor, got list"):
             fn([0.5])

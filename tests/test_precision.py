@@ -50,15 +50,15 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ia - ib).abs()
 
 
-def exact(f64) -> torch.Tensor:
-    """The float64 policy's result (the reference: float64 value, rounded once)."""
+def exact(f, *args) -> torch.Tensor:
+    """``f(*args)`` under the float64 policy (the reference: float64 value, rounded once)."""
     with fastgen.use_precision("float64"):
-        return f64()
+        return f(*args)
 
 
-def in_float32(f) -> torch.Tensor:
+def in_float32(f, *args) -> torch.Tensor:
     with fastgen.use_precision("float32"):
-        return f()
+        return f(*args)
 
 
 # (name, f(a, b, t)) — a plays x0/pred, b plays eps/x_t.
@@ -179,7 +179,7 @@ def test_half_precision_outputs_equal_the_float64_policy_nearly_always(name, dty
         a = torch.randn(N, generator=g).to(dtype)
         b = torch.randn(N, generator=g).to(dtype)
         t = timesteps(kind, N, g)
-        ref, got = exact(lambda: f(a, b, t)), in_float32(lambda: f(a, b, t))
+        ref, got = exact(f, a, b, t), in_float32(f, a, b, t)
         finite = torch.isfinite(ref)
         assert torch.equal(finite, torch.isfinite(got))
         d = ulps(got[finite], ref[finite])
@@ -215,7 +215,7 @@ def _near_the_ends(name: str, g: torch.Generator):
     formula divides by a small number or subtracts nearly equal terms."""
     t = timesteps("near0" if name in ("x0_to_eps", "x0_to_flow") else "near1", M, g)
     x0, eps = torch.randn(M, generator=g), torch.randn(M, generator=g)
-    x_t = exact(lambda: fastgen.add_noise(x0, eps, t))
+    x_t = exact(fastgen.add_noise, x0, eps, t)
     return {
         "add_noise": (x0, eps, t),
         "pred_noise_to_pred_x0": (eps, x_t, t),
@@ -240,7 +240,7 @@ def _exactly(name: str, a, b, t) -> torch.Tensor:
 def test_float32_outputs_stay_within_two_ulps_of_exact_near_the_ends(name):
     a, b, t = _near_the_ends(name, torch.Generator().manual_seed(2))
     want = _exactly(name, a, b, t)
-    got = in_float32(lambda: FUNCTIONS[name](a, b, t))
+    got = in_float32(FUNCTIONS[name], a, b, t)
     assert int(ulps(got, want).max()) <= 2
     if name in ("pred_noise_to_pred_x0", "x0_to_eps"):  # plain float32 loses digits here
         assert int(ulps(PLAIN[name](a, b, t), want).max()) > 8
@@ -312,7 +312,7 @@ def test_round_scalar_rounds_once_in_every_mode(dtype):
     values = np.random.default_rng(6).standard_normal(2000) * 10.0 ** np.random.default_rng(
         7
     ).integers(-9, 5, 2000)
-    for x in values.tolist() + [1e-7, 3e-8, 0.999, 65519.0, 70000.0, 1e-45]:
+    for x in [*values.tolist(), 1e-7, 3e-8, 0.999, 65519.0, 70000.0, 1e-45]:
         near = round_scalar(x, dtype)
         down, up = round_scalar(x, dtype, "down"), round_scalar(x, dtype, "up")
         if dtype != torch.bfloat16 or abs(x) > 2.0**-126:  # the oracle's bf16 range
@@ -364,3 +364,28 @@ def test_float32_policy_exports_with_a_dynamic_batch():
         )
         new = (torch.randn(7, 3), torch.randn(7, 3), torch.rand(7))
         assert torch.equal(program.module()(*new), Noiser()(*new))
+
+
+@pytest.mark.slow
+def test_float32_policy_under_inductor_equals_eager_with_precision_casts_emulated(monkeypatch):
+    # Inductor computes a fused bf16 intermediate in float32 and, by default, lets the next op
+    # read it unrounded; emulate_precision_casts makes it round as eager does.
+    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", True)
+    torch._dynamo.reset()
+    x0, eps, flow = (torch.randn(8, 4, 4, dtype=torch.bfloat16) for _ in range(3))
+    t = torch.rand(8)
+
+    def step(x0, eps, flow, t):
+        x_t = fastgen.add_noise(x0, eps, t)
+        outs = [x_t, fastgen.rf_alpha(t)]
+        for src in ("x0", "eps", "flow"):
+            outs += [
+                fastgen.convert_prediction(flow, x_t, t, src=src, dst=d)
+                for d in ("x0", "eps", "flow")
+            ]
+        return outs
+
+    with fastgen.use_precision("float32"):
+        compiled = torch.compile(step, fullgraph=True)(x0, eps, flow, t)
+        eager = step(x0, eps, flow, t)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))

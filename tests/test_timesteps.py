@@ -379,5 +379,5 @@ def test_resolution_shift_matches_flux_defaults():
 
 
 def test_resolution_shift_says_which_anchors_coincide():
-    with pytest.raises(ValueError, match="^max_seq_len must differ from base_seq_len$"):
+    with pytest.raises(ValueError, match=r"^max_seq_len must differ from base_seq_len$"):
         resolution_shift(1024, base_seq_len=512, max_seq_len=512)

@@ -155,8 +155,21 @@ class DMDConfig(DistillationConfig):
     ema: EMAConfig | None = None
     """EMA of the student, updated by ``DMDPipeline.update_ema``; ``None`` disables it."""
 
+    guidance_batching: Literal["separate", "batched"] = "separate"
+    """How the teacher's conditional and unconditional calls run under CFG: ``separate`` (two
+    calls of batch B, as modelopt does) or ``batched`` (one call of batch 2B: conditioning and
+    every batch-shaped keyword argument concatenated). ``batched`` needs both calls to take the
+    same keyword arguments and conditioning of one shape; its outputs equal the separate calls'
+    up to the network's own batch-size rounding. Not with the GAN branch (its features come
+    from the conditional call)."""
+
     @model_validator(mode="after")
     def _check_dmd(self) -> DMDConfig:
+        if self.guidance_batching == "batched" and self.gan_loss_weight_gen > 0:
+            raise ValueError(
+                "guidance_batching='batched' cannot run with the GAN branch "
+                "(gan_loss_weight_gen > 0): its features come from the conditional call alone"
+            )
         if self.gan_r1_reg_weight > 0 and self.gan_loss_weight_gen <= 0:
             raise ValueError(
                 "gan_r1_reg_weight > 0 needs the GAN branch: set gan_loss_weight_gen > 0"

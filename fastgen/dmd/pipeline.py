@@ -221,6 +221,51 @@ class DMDPipeline:
     def _student_x0(self, x_t, t, ehs, model_kwargs) -> Tensor:
         return self._x0(self._call(self.student, "student", x_t, t, ehs, model_kwargs), x_t, t)
 
+    def _batched_teacher(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        ehs: Tensor | None,
+        neg_ehs: Tensor,
+        kwargs: dict[str, Any],
+        neg_kwargs: dict[str, Any],
+    ) -> tuple[Tensor, Tensor]:
+        """The conditional and unconditional teacher calls as one call of batch 2B."""
+        what = "guidance_batching='batched' needs"
+        if kwargs.keys() != neg_kwargs.keys():
+            raise ValueError(
+                f"{what} the same keyword arguments in both teacher calls, got "
+                f"{sorted(kwargs)} and {sorted(neg_kwargs)}"
+            )
+        if ehs is None or ehs.shape[1:] != neg_ehs.shape[1:]:
+            shape = None if ehs is None else tuple(ehs.shape)
+            raise ValueError(
+                f"{what} encoder_hidden_states and negative_encoder_hidden_states of one shape, "
+                f"got {shape} and {tuple(neg_ehs.shape)}"
+            )
+        n = x_t.shape[0]
+        both = {}
+        for key, value in kwargs.items():
+            other = neg_kwargs[key]
+            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n:
+                both[key] = torch.cat([value, other])
+            elif value is other:
+                both[key] = value
+            else:
+                raise ValueError(
+                    f"{what} every keyword argument to be batch-shaped or shared by both calls; "
+                    f"{key!r} differs"
+                )
+        raw = self._call(
+            self.teacher,
+            "teacher",
+            torch.cat([x_t, x_t]),
+            torch.cat([t, t]),
+            torch.cat([ehs, neg_ehs]),
+            both,
+        )
+        return raw[:n], raw[n:]
+
     # --- the student's input ------------------------------------------------------------
 
     def _rung_index_mask(self, k: Tensor, j: int, like: Tensor) -> Tensor:
@@ -346,16 +391,6 @@ class DMDPipeline:
             fake_x0 = self._x0(
                 self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs), x_t64, t
             )
-        features = None
-        if self._gan:
-            raw, features = self._capture.run(
-                lambda: self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
-            )
-            teacher_x0 = self._x0(raw.detach(), x_t64, t)
-        else:
-            with torch.no_grad():
-                raw = self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
-                teacher_x0 = self._x0(raw, x_t64, t)
         if scale is not None:
             neg_kwargs = dict(model_kwargs)
             neg_kwargs.pop("txt_seq_lens", None)
@@ -364,16 +399,36 @@ class DMDPipeline:
                 neg_kwargs["encoder_hidden_states_mask"] = negative_encoder_hidden_states_mask
             neg_kwargs.update(negative_model_kwargs or {})
             self._check_kwargs(neg_kwargs)
+        batched = scale is not None and self.config.guidance_batching == "batched"
+        features = None
+        if self._gan:
+            raw, features = self._capture.run(
+                lambda: self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
+            )
+            teacher_x0 = self._x0(raw.detach(), x_t64, t)
+        elif batched:
             with torch.no_grad():
-                raw_uncond = self._call(
-                    self.teacher,
-                    "teacher",
-                    x_t.detach(),
-                    t,
-                    negative_encoder_hidden_states,
-                    neg_kwargs,
+                raw, raw_uncond = self._batched_teacher(
+                    x_t, t, ehs, negative_encoder_hidden_states, model_kwargs, neg_kwargs
                 )
+                teacher_x0 = self._x0(raw, x_t64, t)
                 uncond = self._x0(raw_uncond, x_t64, t)
+        else:
+            with torch.no_grad():
+                raw = self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
+                teacher_x0 = self._x0(raw, x_t64, t)
+        if scale is not None:
+            if not batched:
+                with torch.no_grad():
+                    raw_uncond = self._call(
+                        self.teacher,
+                        "teacher",
+                        x_t.detach(),
+                        t,
+                        negative_encoder_hidden_states,
+                        neg_kwargs,
+                    )
+                    uncond = self._x0(raw_uncond, x_t64, t)
             teacher_x0 = classifier_free_guidance(teacher_x0, uncond, scale)
         vsd = vsd_loss(gen, teacher_x0, fake_x0)
         if not self._gan:
