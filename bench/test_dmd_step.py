@@ -75,6 +75,9 @@ def test_dmd2_update(benchmark, device, is_smoke, medians, impl, case, dtype):
         pipe = fastgen.DMDPipeline(student, teacher, fake, fastgen.DMDConfig(**kwargs))
     student_loss, fake_loss = pipe.compute_student_loss, pipe.compute_fake_score_loss
     if impl.startswith("fastgen-compiled"):
+        # A fresh cache per case: every case compiles the same methods of a new pipeline, and
+        # Dynamo's per-code-object recompile limit would otherwise cut the later ones off.
+        torch._dynamo.reset()
         student_loss = torch.compile(student_loss, fullgraph=True)
         fake_loss = torch.compile(fake_loss, fullgraph=True)
     b = 2 if is_smoke else 8
