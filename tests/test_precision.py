@@ -367,10 +367,9 @@ def test_float32_policy_exports_with_a_dynamic_batch():
 
 
 @pytest.mark.slow
-def test_float32_policy_under_inductor_equals_eager_with_precision_casts_emulated(monkeypatch):
+def test_float32_policy_under_inductor_equals_eager_with_precision_casts_emulated():
     # Inductor computes a fused bf16 intermediate in float32 and, by default, lets the next op
     # read it unrounded; emulate_precision_casts makes it round as eager does.
-    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", True)
     torch._dynamo.reset()
     x0, eps, flow = (torch.randn(8, 4, 4, dtype=torch.bfloat16) for _ in range(3))
     t = torch.rand(8)
@@ -385,7 +384,10 @@ def test_float32_policy_under_inductor_equals_eager_with_precision_casts_emulate
             ]
         return outs
 
-    with fastgen.use_precision("float32"):
+    with (
+        fastgen.use_precision("float32"),
+        torch._inductor.config.patch(emulate_precision_casts=True),
+    ):
         compiled = torch.compile(step, fullgraph=True)(x0, eps, flow, t)
         eager = step(x0, eps, flow, t)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
