@@ -88,17 +88,10 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def widen(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` in the compute ``dtype``; bf16/fp16 reach float64 through float32.
+    """``x`` in the compute ``dtype`` (exact: every bf16/fp16/float32 value is a float64 value).
 
-    Both steps are exact, so the bits are those of a direct cast; eager PyTorch converts
-    half-precision to float32 faster than to float64, and the float32 -> float64 step is cheap.
+    A direct cast: measured on torch 2.13's CPU kernels, bf16 -> float64 directly takes about
+    half the time of going through float32 (2^24 elements, 2 threads), and under
+    ``torch.compile`` inductor fuses the cast into its consumer either way.
     """
-    # Eager only: inductor fuses the casts anyway, and a float32 step in a fused kernel lets it
-    # read a bf16 value it has just computed without that value's rounding.
-    if (
-        dtype == torch.float64
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and not torch.compiler.is_compiling()
-    ):
-        return x.to(torch.float32).to(torch.float64)
     return x.to(dtype)
