@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import correctly_rounded
-from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 from toys import toy_batch
 
@@ -391,3 +391,44 @@ def test_float32_policy_under_inductor_equals_eager_with_precision_casts_emulate
         compiled = torch.compile(step, fullgraph=True)(x0, eps, flow, t)
         eager = step(x0, eps, flow, t)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
+def test_float32_policy_traces_every_public_callable_in_one_frame():
+    cfgs = [
+        fastgen.SampleTimestepConfig(time_dist_type=kind)
+        for kind in (
+            "uniform",
+            "logitnormal",
+            "lognormal",
+            "shifted",
+            "mode",
+            "cosmap",
+            "polynomial",
+        )
+    ]
+    ladder = fastgen.make_t_list(4)
+
+    def everything(x0, eps, t, logits):
+        outs = [fastgen.add_noise(x0, eps, t), fastgen.rf_alpha(t), fastgen.rf_sigma(t)]
+        outs.append(fastgen.classifier_free_guidance(x0, eps, 3.0))
+        for src in ("x0", "eps", "flow"):
+            for dst in ("x0", "eps", "flow"):
+                outs.append(fastgen.convert_prediction(x0, eps, t, src=src, dst=dst))
+        outs += [fastgen.dsm_loss(x0, x0=x0, eps=eps, t=t, pred_type="flow")]
+        outs += [fastgen.vsd_loss(x0, eps, x0 * 0.5), fastgen.gan_gen_loss(logits)]
+        outs += [fastgen.gan_disc_loss(logits, logits), fastgen.r1_loss(logits, logits * 0.5)]
+        outs += [fastgen.sample_timesteps(x0.shape[0], c, device=x0.device) for c in cfgs]
+        outs.append(fastgen.sample_from_t_list(x0.shape[0], ladder, device=x0.device))
+        return outs
+
+    counter = CompileCounter()
+    compiled = torch.compile(everything, backend=counter, fullgraph=True, dynamic=True)
+    with fastgen.use_precision("float32"):
+        for b in (3, 5, 9):
+            x0, eps = (
+                torch.randn(b, 4, dtype=torch.bfloat16),
+                torch.randn(b, 4, dtype=torch.bfloat16),
+            )
+            outs = compiled(x0, eps, torch.rand(b), torch.randn(b, 2, dtype=torch.bfloat16))
+            assert all(o.dtype != torch.float64 for o in outs)
+    assert counter.frame_count == 1
