@@ -25,8 +25,9 @@ Then :math:`g = \hat x_0^{\text{student}}(x_s, t_s)`, :math:`t \sim` ``sample_t_
     \mathcal{L}_{\text{student}} = \text{vsd}\big(g,\ \text{cfg}(\hat x_0^{\text{teacher}}),\
     \hat x_0^{\text{fake}}\big) + \lambda_{\text{gan}}\, \text{softplus}(-D(\phi(x_t)))
 
-Teacher and fake-score x0 and the guidance are computed in float64 and enter the VSD loss
-unrounded; every loss is rounded once to the latents' dtype.
+Teacher and fake-score x0 and the guidance are computed in float64 (float32 under that
+precision policy) and enter the VSD loss unrounded; every loss is rounded once to the latents'
+dtype.
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ class DMDPipeline:
         return raw
 
     def _x0(self, raw: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """x0 from a raw prediction, in ``x_t``'s dtype (a float64 ``x_t`` keeps it unrounded)."""
+        """x0 from a raw prediction, in ``x_t``'s dtype (``x_t`` in the compute dtype keeps it
+        unrounded)."""
         return convert_prediction(raw, x_t, t, src=self._pred, dst="x0")
 
     def _student_x0(self, x_t, t, ehs, model_kwargs) -> Tensor:
@@ -386,10 +388,10 @@ class DMDPipeline:
         x_t = add_noise(gen if self._gan else gen.detach(), eps, t)
         # One copy of x_t in the compute dtype (float64 by default): the fake score's and the
         # teacher's x0 (and CFG) stay unrounded.
-        x_t64 = widen(x_t.detach(), compute_dtype(x_t.device))
+        x_t_wide = widen(x_t.detach(), compute_dtype(x_t.device))
         with torch.no_grad():
             fake_x0 = self._x0(
-                self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs), x_t64, t
+                self._call(self.fake_score, "fake_score", x_t, t, ehs, model_kwargs), x_t_wide, t
             )
         if scale is not None:
             neg_kwargs = dict(model_kwargs)
@@ -405,18 +407,18 @@ class DMDPipeline:
             raw, features = self._capture.run(
                 lambda: self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
             )
-            teacher_x0 = self._x0(raw.detach(), x_t64, t)
+            teacher_x0 = self._x0(raw.detach(), x_t_wide, t)
         elif batched:
             with torch.no_grad():
                 raw, raw_uncond = self._batched_teacher(
                     x_t, t, ehs, negative_encoder_hidden_states, model_kwargs, neg_kwargs
                 )
-                teacher_x0 = self._x0(raw, x_t64, t)
-                uncond = self._x0(raw_uncond, x_t64, t)
+                teacher_x0 = self._x0(raw, x_t_wide, t)
+                uncond = self._x0(raw_uncond, x_t_wide, t)
         else:
             with torch.no_grad():
                 raw = self._call(self.teacher, "teacher", x_t, t, ehs, model_kwargs)
-                teacher_x0 = self._x0(raw, x_t64, t)
+                teacher_x0 = self._x0(raw, x_t_wide, t)
         if scale is not None:
             if not batched:
                 with torch.no_grad():
@@ -428,7 +430,7 @@ class DMDPipeline:
                         negative_encoder_hidden_states,
                         neg_kwargs,
                     )
-                    uncond = self._x0(raw_uncond, x_t64, t)
+                    uncond = self._x0(raw_uncond, x_t_wide, t)
             teacher_x0 = classifier_free_guidance(teacher_x0, uncond, scale)
         vsd = vsd_loss(gen, teacher_x0, fake_x0)
         if not self._gan:
