@@ -100,3 +100,38 @@ def test_configs_are_frozen_and_json_round_trip():
 def test_cross_field_and_bound_rules(kwargs, field):
     with pytest.raises(pydantic.ValidationError, match=field):
         DMDConfig(**kwargs)
+
+
+def test_to_yaml_keeps_the_declared_field_order():
+    text = DMDConfig(guidance_scale=4.0).to_yaml()
+    top = [line.split(":")[0] for line in text.splitlines() if line and not line[0].isspace()]
+    assert top == list(DMDConfig.model_fields)
+    assert top != sorted(top)  # the declared order is not the alphabetical one
+
+
+def test_json_recipes_are_read_as_json(tmp_path):
+    # 1e5 is a number in JSON and a string in YAML 1.1: the .json suffix decides the parser.
+    (tmp_path / "r.json").write_text('{"guidance_scale": 1e5}')
+    assert fastgen.load_config(tmp_path / "r.json") == {"guidance_scale": 100000.0}
+    (tmp_path / "r.yaml").write_text("guidance_scale: 1e5\n")
+    assert fastgen.load_config(tmp_path / "r.yaml") == {"guidance_scale": "1e5"}
+
+
+def test_recipe_lookup_order_and_messages(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # A suffix-less name means the suffixed files: a suffix-less file of that name is not read.
+    (tmp_path / "mine").write_text("- not a mapping\n")
+    (tmp_path / "mine.yaml").write_text("guidance_scale: 2.5\n")
+    assert load_dmd_config("mine").guidance_scale == 2.5
+    # A built-in recipe's name with its suffix finds the built-in when no such file exists.
+    assert load_dmd_config("dmd2_wan21.yaml") == load_dmd_config("dmd2_wan21")
+    with pytest.raises(TypeError, match=r"^name_or_path must be a str or Path, got int$"):
+        load_dmd_config(3)
+    with pytest.raises(FileNotFoundError) as err:
+        load_dmd_config("nothing")
+    message = str(err.value)
+    assert message.startswith("no recipe file 'nothing' (tried nothing.yaml, nothing.yml, ")
+    assert ", ".join(fastgen.list_recipes()) in message
+    (tmp_path / "list.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match=r"must hold a mapping of fields, got list$"):
+        load_dmd_config("list")

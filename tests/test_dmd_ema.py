@@ -100,3 +100,55 @@ def test_copy_to_state_dict_and_wrappers():
         again.load_state_dict({})
     with pytest.raises(KeyError, match="not tracked"):
         ema.update(nn.Linear(2, 2), iteration=2)
+
+
+def test_halflife_ramp_at_iteration_zero_keeps_nothing():
+    # iteration 0 ramps the halflife down to 0 images: the decay is exactly 0 (a copy)
+    cfg = EMAConfig(type="halflife", halflife_kimg=2.0, batch_size=64, rampup_ratio=0.05)
+    assert ema_decay(cfg, 0) == 0.0
+
+
+def test_first_update_copies_and_the_first_after_a_load_averages():
+    model = net()
+    ema = ExponentialMovingAverage(model, EMAConfig(decay=0.5))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # trained between construction and the first update
+    ema.update(model, iteration=7)
+    assert torch.equal(ema.state_dict()["0.weight"], model[0].weight.detach())
+    saved = {k: v.clone() for k, v in ema.state_dict().items()}
+    again = ExponentialMovingAverage(model, EMAConfig(decay=0.5))
+    again.load_state_dict(saved)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    again.update(model, iteration=8)  # restored shadows are averaged in, not overwritten
+    torch.testing.assert_close(again.state_dict()["0.weight"], saved["0.weight"] + 0.5)
+
+
+def test_fsdp2_parameters_get_plain_shadows_and_copy_back(tmp_path):
+    # One rank suffices to put DTensor parameters in front of the EMA (two ranks: the
+    # torchrun tests in test_dmd_distributed.py).
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        plain = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        for mode in ("full_tensor", "local_shard"):
+            ema = ExponentialMovingAverage(model, EMAConfig(fsdp2=True, mode=mode))
+            ema.update(model, iteration=1)
+            shadows = ema.state_dict()
+            assert all(type(v) is torch.Tensor for v in shadows.values()), mode
+            assert all(torch.equal(shadows[k], plain[k]) for k in plain), mode
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            ema.copy_to(model)
+            for k, p in model.state_dict().items():
+                assert torch.equal(p.full_tensor(), plain[k]), (mode, k)
+    finally:
+        dist.destroy_process_group()

@@ -387,6 +387,12 @@ def test_ema_via_pipeline_counts_iterations():
     w = pipe.student.proj_out.weight
     torch.testing.assert_close(pipe.ema.state_dict()["proj_out.weight"], w - 0.25)
     assert not torch.equal(before["proj_out.weight"], pipe.ema.state_dict()["proj_out.weight"])
+    with torch.no_grad():
+        for p in pipe.student.parameters():
+            p.add_(1.0)
+    pipe.update_ema(iteration=4)  # an explicit number: beta = (1 - 1/4)^2 = 0.5625
+    # beta (w - 1 - 0.25) + (1 - beta) w = w - 1.25 beta, w the live weight
+    torch.testing.assert_close(pipe.ema.state_dict()["proj_out.weight"], w - 1.25 * 0.5625)
 
 
 def test_properties_and_teacher_frozen():

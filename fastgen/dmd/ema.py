@@ -129,8 +129,9 @@ class ExponentialMovingAverage:
     def update(self, model: nn.Module, *, iteration: int) -> None:
         """Fold the live weights of ``model`` into the shadows.
 
-        Updates before ``cfg.start_iter`` are ignored; at ``start_iter`` (and on the first
-        update after construction or a load) the shadows are set to the live weights.
+        Updates before ``cfg.start_iter`` are ignored; at ``start_iter``, and on the first
+        update after construction, the shadows are set to the live weights (after
+        :meth:`load_state_dict`, the restored shadows are averaged into instead).
 
         Args:
             model: The tracked network (same parameter names as at construction).
