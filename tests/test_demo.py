@@ -81,6 +81,35 @@ def test_samplers_follow_the_exact_flow_of_a_point_mass():
     )
 
 
+def test_distill_with_gan_trains_the_discriminator_and_leaves_the_teacher_unhooked():
+    from fastgen.demo.networks import RingDiscriminator, VelocityMLP
+    from fastgen.dmd.capture import feature_capture_of
+
+    torch.manual_seed(0)
+    rt = train.Runtime(torch.device("cpu"), 0, 1, compiled=False)
+    teacher = VelocityMLP(width=16).requires_grad_(False).eval()
+    made = []
+
+    def discriminator():
+        torch.manual_seed(5)
+        made.append(RingDiscriminator(width=16, hidden=8))
+        return made[-1]
+
+    torch.manual_seed(5)
+    before = [p.clone() for p in RingDiscriminator(width=16, hidden=8).parameters()]
+    torch.manual_seed(1)
+    gan = train.GANSettings(weight=5.0, taps=RingDiscriminator.TAPS, discriminator=discriminator)
+    settings = train.DistillSettings(2, 1e-3, 1e-3, 0.9, fake_updates=2, gan=gan)
+    student = train.distill(
+        rt, teacher, make_t_list(1), lambda: (data.sample_ring(64, rt.device), None), settings, "t"
+    )
+    assert len(made) == 1 and feature_capture_of(teacher) is None
+    # the discriminator took 2 x 2 optimizer steps: its weights moved from the same init
+    after = list(made[0].parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))
+    assert not any(p.requires_grad for p in student.parameters())
+
+
 def test_digits_split_is_fixed_and_scaled():
     a, b = data.load_digits(torch.device("cpu")), data.load_digits(torch.device("cpu"))
     assert torch.equal(a.eval_y, b.eval_y) and len(a.eval_y) == data.N_HELD_OUT

@@ -16,6 +16,7 @@ from fastgen.dmd import (
     DMDConfig,
     DMDPipeline,
     EMAConfig,
+    attach_feature_capture,
     classifier_free_guidance,
     create_fake_score,
 )
@@ -117,6 +118,18 @@ def train_teacher(
 
 
 @dataclass(frozen=True)
+class GANSettings:
+    """DMD2's GAN branch: ``discriminator()`` builds the heads on the teacher's ``taps``; they
+    train with ``lr`` after each fake-score update, and the student loss adds ``weight`` times
+    the generator term."""
+
+    weight: float
+    taps: tuple[str, ...]
+    discriminator: Callable[[], nn.Module]
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
 class DistillSettings:
     updates: int
     gen_lr: float
@@ -125,6 +138,7 @@ class DistillSettings:
     guidance_scale: float | None = None
     null_label: int | None = None  # the unconditional label, for guidance
     fake_updates: int = 5
+    gan: GANSettings | None = None
 
 
 def distill(
@@ -139,11 +153,18 @@ def distill(
     ``s.fake_updates`` fake-score updates; returns the EMA of the student.
 
     A multi-step student (``len(t_list) > 2``) trains with backward simulation: each sample
-    draws a rung and starts from the student's own unrolled sample there.
+    draws a rung and starts from the student's own unrolled sample there. With ``s.gan``, a
+    discriminator on the teacher's tapped features trains alongside the fake score (on a
+    tapped copy of the teacher: the caller's teacher keeps no hooks).
     """
     steps = len(t_list) - 1
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     fake = create_fake_score(teacher)
+    gan, disc = s.gan, None
+    if gan is not None:
+        teacher = copy.deepcopy(teacher)
+        attach_feature_capture(teacher, taps=list(gan.taps))
+        disc = gan.discriminator().to(rt.device)
     cfg = DMDConfig(
         pred_type="flow",
         fake_score_pred_type="flow",
@@ -158,10 +179,20 @@ def distill(
             t_list=t_list if steps > 1 else None,
         ),
         ema=EMAConfig(decay=s.ema_decay),
+        gan_loss_weight_gen=0.0 if gan is None else gan.weight,
     )
-    pipe = DMDPipeline(rt.wrap(student), teacher, rt.wrap(fake), cfg)
+    pipe = DMDPipeline(
+        rt.wrap(student),
+        teacher,
+        rt.wrap(fake),
+        cfg,
+        discriminator=None if disc is None else rt.wrap(disc),
+    )
     gen_opt = torch.optim.Adam(student.parameters(), lr=s.gen_lr, betas=(0.0, 0.99))
     fake_opt = torch.optim.Adam(fake.parameters(), lr=s.fake_lr, betas=(0.0, 0.99))
+    if disc is not None:
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=gan.lr, betas=(0.0, 0.99))
+        disc_loss = rt.compile(pipe.compute_discriminator_loss)
     # Decaying the generator's step lets it settle instead of orbiting the fake score.
     gen_sched = torch.optim.lr_scheduler.CosineAnnealingLR(gen_opt, s.updates, s.gen_lr / 20)
     student_loss = rt.compile(pipe.compute_student_loss)
@@ -175,6 +206,8 @@ def distill(
         for i in range(s.updates):
             for _ in range(cfg.student_update_freq):
                 descend(fake_opt, fake_loss(*draw())["total"])
+                if disc is not None:
+                    descend(disc_opt, disc_loss(*draw())["total"])
             x0, noise, labels = draw()
             if s.guidance_scale is None:
                 loss = student_loss(x0, noise, labels)["total"]
