@@ -67,3 +67,16 @@ def _seed_and_reset():
 @pytest.fixture
 def sync_counter():
     return SyncCounter
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo process group for the test's duration: enough to build DDP and FSDP2
+    modules in-process (the two-rank runs are the torchrun tests)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

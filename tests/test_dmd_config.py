@@ -135,3 +135,11 @@ def test_recipe_lookup_order_and_messages(tmp_path, monkeypatch):
     (tmp_path / "list.yaml").write_text("- a list\n")
     with pytest.raises(ValueError, match=r"must hold a mapping of fields, got list$"):
         load_dmd_config("list")
+
+
+def test_list_recipes_names_the_yaml_files_without_suffix():
+    from pathlib import Path
+
+    folder = Path(fastgen.__file__).parent / "dmd" / "recipes"
+    names = sorted(p.name[: -len(".yaml")] for p in folder.glob("*.yaml"))
+    assert names and fastgen.list_recipes() == names

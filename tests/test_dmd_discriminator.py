@@ -11,7 +11,7 @@ from fastgen import Discriminator
 from fastgen.dmd.discriminator import group_count
 
 
-@pytest.mark.parametrize("channels", [1, 3, 4, 6, 8, 20, 48, 96, 128, 129, 256, 1000])
+@pytest.mark.parametrize("channels", [1, 3, 4, 6, 8, 20, 48, 96, 128, 129, 132, 256, 1000])
 def test_group_count_is_the_largest_divisor_with_four_channels_per_group(channels):
     fits = [g for g in range(1, 33) if channels % g == 0 and channels // g >= 4]
     assert group_count(channels) == (max(fits) if fits else 1)
@@ -73,10 +73,21 @@ def test_tokens_with_a_grid_are_the_spatial_heads_on_the_patch_grid():
     assert torch.equal(tokens([x]), spatial([image]))
 
 
-def test_conv_heads_run_in_their_weights_dtype():
+def test_heads_run_in_their_weights_dtype():
     disc = Discriminator([8], hidden=8)
-    out = disc([torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)])
-    assert out.dtype == torch.float32
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    assert torch.equal(disc([x]), disc([x.float()]))
+    tokens = Discriminator([8], layout="tokens", hidden=8)
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    assert torch.equal(tokens([x]), tokens([x.float()]))
+
+
+def test_defaults_the_smallest_grid_and_a_token_count_off_the_grid():
+    assert Discriminator([8]).heads[0][0].out_channels == 128  # hidden width
+    disc = Discriminator([8], layout="tokens", grid=(2, 2), hidden=8)
+    assert disc([torch.randn(2, 4, 8)]).shape == (2, 1)
+    with pytest.raises(ValueError, match=r"^grid=\(2, 2\) takes 4 tokens, got shape \(2, 6, 8\)$"):
+        disc([torch.randn(2, 6, 8)])
 
 
 @pytest.mark.parametrize(
@@ -86,8 +97,16 @@ def test_conv_heads_run_in_their_weights_dtype():
         (([],), {}, r"channels must list one channel count per tap, got \[\]"),
         (([8],), {"layout": "image"}, "layout must be 'spatial' or 'tokens', got 'image'"),
         (([8],), {"grid": (2, 2)}, r"grid=\(h, w\) goes with layout='tokens', got grid=\(2, 2\)"),
-        (([8],), {"layout": "tokens", "grid": (2,)}, r"got grid=\(2,\), layout='tokens'"),
-        (([8],), {"layout": "tokens", "grid": (0, 2)}, r"got grid=\(0, 2\)"),
+        (
+            ([8],),
+            {"layout": "tokens", "grid": (2,)},
+            r"^grid must be \(h, w\) with h, w >= 2, got grid=\(2,\)$",
+        ),
+        (
+            ([8],),
+            {"layout": "tokens", "grid": (1, 4)},
+            r"^grid must be \(h, w\) with h, w >= 2, got grid=\(1, 4\)$",
+        ),
     ],
 )
 def test_bad_arguments_are_named(args, kwargs, message):

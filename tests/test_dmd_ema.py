@@ -124,31 +124,40 @@ def test_first_update_copies_and_the_first_after_a_load_averages():
     torch.testing.assert_close(again.state_dict()["0.weight"], saved["0.weight"] + 0.5)
 
 
-def test_fsdp2_parameters_get_plain_shadows_and_copy_back(tmp_path):
+def test_fsdp2_parameters_get_plain_shadows_and_copy_back(one_rank_group):
     # One rank suffices to put DTensor parameters in front of the EMA (two ranks: the
     # torchrun tests in test_dmd_distributed.py).
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-        plain = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        assert all(isinstance(p, DTensor) for p in model.parameters())
-        for mode in ("full_tensor", "local_shard"):
-            ema = ExponentialMovingAverage(model, EMAConfig(fsdp2=True, mode=mode))
-            ema.update(model, iteration=1)
-            shadows = ema.state_dict()
-            assert all(type(v) is torch.Tensor for v in shadows.values()), mode
-            assert all(torch.equal(shadows[k], plain[k]) for k in plain), mode
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.zero_()
-            ema.copy_to(model)
-            for k, p in model.state_dict().items():
-                assert torch.equal(p.full_tensor(), plain[k]), (mode, k)
-    finally:
-        dist.destroy_process_group()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    plain = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    for mode in ("full_tensor", "local_shard"):
+        ema = ExponentialMovingAverage(model, EMAConfig(fsdp2=True, mode=mode))
+        ema.update(model, iteration=1)
+        shadows = ema.state_dict()
+        assert all(type(v) is torch.Tensor for v in shadows.values()), mode
+        assert all(torch.equal(shadows[k], plain[k]) for k in plain), mode
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        ema.copy_to(model)
+        for k, p in model.state_dict().items():
+            assert torch.equal(p.full_tensor(), plain[k]), (mode, k)
+
+
+def test_ddp_is_looked_through(one_rank_group):
+    model = net()
+    ema = ExponentialMovingAverage(nn.parallel.DistributedDataParallel(model), EMAConfig())
+    assert set(ema.state_dict()) == set(model.state_dict())  # no "module." prefix
+    ema.update(nn.parallel.DistributedDataParallel(model), iteration=1)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(TypeError, match=r"^cfg must be an EMAConfig, got dict$"):
+        ExponentialMovingAverage(net(), {"decay": 0.9})
+    with pytest.raises(TypeError, match=r"^model must be an nn.Module, got str$"):
+        ExponentialMovingAverage("net", EMAConfig())

@@ -57,7 +57,7 @@ class Discriminator(nn.Module):
     Args:
         channels: Channels of each tapped feature, in tap order.
         layout: ``"spatial"`` or ``"tokens"``.
-        grid: The token grid ``(h, w)`` for ``layout="tokens"``.
+        grid: The token grid ``(h, w)`` for ``layout="tokens"``, both at least 2.
         hidden: Width of each head.
 
     Example:
@@ -80,10 +80,13 @@ class Discriminator(nn.Module):
             raise ValueError(f"channels must list one channel count per tap, got {channels!r}")
         if layout not in ("spatial", "tokens"):
             raise ValueError(f"layout must be 'spatial' or 'tokens', got {layout!r}")
-        if grid is not None and (layout != "tokens" or len(grid) != 2 or min(grid) < 1):
+        if grid is not None and layout != "tokens":
             raise ValueError(
                 f"grid=(h, w) goes with layout='tokens', got grid={grid!r}, layout={layout!r}"
             )
+        if grid is not None and (len(grid) != 2 or min(grid) < 2):
+            # the conv heads' 4x4 stride-2 kernel needs at least 2 rows and 2 columns
+            raise ValueError(f"grid must be (h, w) with h, w >= 2, got grid={grid!r}")
         self.layout, self.grid = layout, None if grid is None else (int(grid[0]), int(grid[1]))
         conv = layout == "spatial" or grid is not None
         make = _conv_head if conv else _token_head
@@ -101,7 +104,13 @@ class Discriminator(nn.Module):
                     f"layout={self.layout!r} takes {expected}-D features, got shape {tuple(f.shape)}"
                 )
             if self.grid is not None:
-                f = rearrange(f, "b (h w) c -> b c h w", h=self.grid[0], w=self.grid[1])
-            out = head(f.to(head[0].weight.dtype) if self._conv else f)
+                h, w = self.grid
+                if f.shape[1] != h * w:
+                    raise ValueError(
+                        f"grid={self.grid!r} takes {h * w} tokens, got shape {tuple(f.shape)}"
+                    )
+                f = rearrange(f, "b (h w) c -> b c h w", h=h, w=w)
+            # Features arrive in the teacher's dtype; the head computes in its own.
+            out = head(f.to(head[0].weight.dtype))
             logits.append(out.mean(dim=(2, 3)) if self._conv else out.mean(dim=1))
         return torch.cat(logits, dim=1)
