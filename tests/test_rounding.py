@@ -106,3 +106,39 @@ def test_round_once_traces_in_one_frame(dtype):
     x = _ties(dtype, 50, torch.Generator().manual_seed(13))
     assert torch.equal(fn(x), round_once(x, dtype))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_pair_under_grad_keeps_the_value_and_passes_the_gradient_of_hi(dtype):
+    hi = _ties(dtype, 50, torch.Generator().manual_seed(14)).float()[:-1]  # finite ones
+    lo = hi * 2.0**-30
+    want = round_pair(hi, lo, dtype)
+    hi_grad = hi.clone().requires_grad_(True)
+    out = round_pair(hi_grad, lo, dtype)
+    assert out.requires_grad and torch.equal(out.detach(), want)
+    (out.float() * torch.arange(len(hi))).sum().backward()
+    assert torch.equal(hi_grad.grad, torch.arange(len(hi), dtype=torch.float32))
+
+
+def _grid_neighbours(x: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The largest grid value <= x and the smallest >= x (inf past the largest finite)."""
+    digits, e_min, largest = GRID[dtype]
+    if abs(x) > largest:
+        return (largest, math.inf) if x > 0 else (-math.inf, -largest)
+    v = Fraction(x)
+    e = max(math.frexp(abs(x))[1] - 1, e_min) if x else e_min
+    q = Fraction(2) ** (e - digits + 1)
+    return float(math.floor(v / q) * q), float(math.ceil(v / q) * q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_scalar_up_and_down_against_the_grid(dtype):
+    from fastgen._rounding import round_scalar
+
+    _, _, largest = GRID[dtype]
+    values = [1.0 / 3, -1.0 / 3, 2.0**-140, -(2.0**-140), 7e4, -7e4, 1e39, -1e39, largest, -largest]
+    for x in values:
+        down, up = _grid_neighbours(x, dtype)
+        assert round_scalar(x, dtype, "down") == down, (x, "down")
+        assert round_scalar(x, dtype, "up") == up, (x, "up")
+        assert round_scalar(x, dtype, "nearest") == exact_round(x, dtype), (x, "nearest")

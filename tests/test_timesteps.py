@@ -381,3 +381,28 @@ def test_resolution_shift_matches_flux_defaults():
 def test_resolution_shift_says_which_anchors_coincide():
     with pytest.raises(ValueError, match=r"^max_seq_len must differ from base_seq_len$"):
         resolution_shift(1024, base_seq_len=512, max_seq_len=512)
+
+
+@pytest.mark.parametrize("stratified", [False, True], ids=["iid", "stratified"])
+def test_samples_are_made_on_the_requested_device(stratified):
+    # the meta device needs no data: a sample made anywhere else would not be on it
+    cfg = SampleTimestepConfig(time_dist_type="logitnormal", stratified=stratified)
+    t = sample_timesteps(7, cfg, device=torch.device("meta"))
+    assert t.device.type == "meta" and t.shape == (7,) and t.dtype == torch.float32
+
+
+@pytest.mark.parametrize("stratified", [False, True], ids=["iid", "stratified"])
+@pytest.mark.parametrize("seeded", [False, True], ids=["global", "generator"])
+def test_float64_samples_carry_float64_uniforms(stratified, seeded):
+    cfg = SampleTimestepConfig(min_t=0.0, max_t=1.0, stratified=stratified)
+    gen = torch.Generator().manual_seed(3) if seeded else None
+    t = sample_timesteps(1000, cfg, device="cpu", dtype=torch.float64, generator=gen)
+    # uniforms drawn in float32 would all be float32 values
+    assert not torch.equal(t.float().double(), t)
+
+
+def test_lognormal_support_may_start_at_zero():
+    cfg = SampleTimestepConfig(time_dist_type="lognormal", min_t=0.0, max_t=1.0)
+    assert truncated_cdf(0.0, cfg) == 0.0 and truncated_cdf(1.0, cfg) == 1.0
+    t = sample_timesteps(4096, cfg, device="cpu", dtype=torch.float64)
+    assert bool(((t >= 0.0) & (t <= 1.0)).all())
