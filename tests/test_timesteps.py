@@ -404,5 +404,7 @@ def test_float64_samples_carry_float64_uniforms(stratified, seeded):
 def test_lognormal_support_may_start_at_zero():
     cfg = SampleTimestepConfig(time_dist_type="lognormal", min_t=0.0, max_t=1.0)
     assert truncated_cdf(0.0, cfg) == 0.0 and truncated_cdf(1.0, cfg) == 1.0
+    mid = float(base_cdf(0.3, cfg) / base_cdf(1.0, cfg))  # base_cdf(0) = 0
+    assert truncated_cdf(0.3, cfg) == pytest.approx(mid, rel=1e-12)
     t = sample_timesteps(4096, cfg, device="cpu", dtype=torch.float64)
     assert bool(((t >= 0.0) & (t <= 1.0)).all())
