@@ -408,3 +408,10 @@ def test_lognormal_support_may_start_at_zero():
     assert truncated_cdf(0.3, cfg) == pytest.approx(mid, rel=1e-12)
     t = sample_timesteps(4096, cfg, device="cpu", dtype=torch.float64)
     assert bool(((t >= 0.0) & (t <= 1.0)).all())
+
+
+def test_no_device_means_the_cpu_and_a_bad_cfg_is_named():
+    t = sample_timesteps(5, SampleTimestepConfig(), device=None, dtype=torch.float64)
+    assert t.device.type == "cpu" and t.dtype == torch.float64
+    with pytest.raises(TypeError, match=r"^cfg must be a SampleTimestepConfig, got dict$"):
+        sample_timesteps(5, {"min_t": 0.1}, device=None)
