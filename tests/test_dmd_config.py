@@ -143,3 +143,12 @@ def test_list_recipes_names_the_yaml_files_without_suffix():
     folder = Path(fastgen.__file__).parent / "dmd" / "recipes"
     names = sorted(p.name[: -len(".yaml")] for p in folder.glob("*.yaml"))
     assert names and fastgen.list_recipes() == names
+
+
+def test_list_recipes_drops_only_the_last_suffix(tmp_path, monkeypatch):
+    from fastgen.dmd import recipes
+
+    for name in ("b.yaml", "a.v2.yaml", "c.yml", "notes.txt"):
+        (tmp_path / name).write_text("")
+    monkeypatch.setattr(recipes, "_BUILTIN", tmp_path)
+    assert fastgen.list_recipes() == ["a.v2", "b"]

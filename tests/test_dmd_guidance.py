@@ -111,3 +111,12 @@ def test_check_scale_accepts_ints_and_floats():
     check_scale("guidance_scale", 2.5)
     with pytest.raises(TypeError, match=r"^guidance_scale must be a finite float, got nan$"):
         check_scale("guidance_scale", math.nan)
+
+
+def test_per_sample_scales_are_used_in_float64():
+    # s - 1 for a float32 s below 1/2 is not a float32 value: it must be formed in float64
+    g = torch.Generator().manual_seed(3)
+    cond, uncond = inputs(torch.float32, n=4096, seed=4)
+    scales = torch.rand(4096, generator=g) * 0.5
+    out = fastgen.classifier_free_guidance(cond, uncond, scales)
+    assert torch.equal(out, reference(cond, uncond, scales).float())
