@@ -104,7 +104,10 @@ def test_use_precision_restores_on_error_and_set_returns_previous():
 
 @pytest.mark.parametrize(
     ("policy", "error", "match"),
-    [("float16", ValueError, "policy must be one of"), (32, TypeError, "policy must be a str")],
+    [
+        ("float16", ValueError, "policy must be one of"),
+        (32, TypeError, r"^policy must be a str, one of .*, got int$"),
+    ],
 )
 def test_bad_policy_names_the_argument(policy, error, match):
     with pytest.raises(error, match=match):
@@ -282,6 +285,22 @@ def test_two_sum_and_two_prod_are_error_free():
     p, e = comp.two_prod(a, b)
     assert torch.equal(p, a * b)
     assert torch.equal(p.double() + e.double(), a.double() * b.double())
+
+
+def test_add_prod_and_lerp_pairs_carry_the_exact_value():
+    g = torch.Generator().manual_seed(6)
+    x, a, b = (torch.randn(2000, generator=g) for _ in range(3))
+    t = torch.rand(2000, generator=g)
+    cases = [
+        (comp.add_prod(x, a, b), [(Fraction(u), Fraction(v) * Fraction(w)) for u, v, w in zip(x.tolist(), a.tolist(), b.tolist())]),
+        (comp.lerp(x, a, t), [((1 - Fraction(s)) * Fraction(u), Fraction(s) * Fraction(v)) for u, v, s in zip(x.tolist(), a.tolist(), t.tolist())]),
+    ]  # fmt: skip
+    for (hi, lo), terms in cases:
+        assert torch.equal(hi + lo, hi)  # |lo| below half an ulp of hi
+        for h, low, (p, q) in zip(hi.tolist(), lo.tolist(), terms):
+            # the pair holds ~48 bits of the terms' scale (hi alone: 24)
+            error = abs(Fraction(h) + Fraction(low) - (p + q))
+            assert error <= (abs(p) + abs(q)) * Fraction(1, 2**44)
 
 
 def test_one_minus_is_exact():

@@ -255,7 +255,7 @@ BAD_ARGS = [
     (
         lambda: sample_timesteps(2.0, SampleTimestepConfig(), device="cpu"),
         TypeError,
-        "n must be an int",
+        "n must be an int, got float",
     ),
     (
         lambda: sample_timesteps(2, {"time_dist_type": "uniform"}, device="cpu"),
