@@ -537,3 +537,27 @@ def test_batched_guidance_rejects_what_it_cannot_batch():
         )  # fmt: skip
     with pytest.raises(pydantic.ValidationError, match="cannot run with the GAN branch"):
         config(guidance_scale=3.0, guidance_batching="batched", gan_loss_weight_gen=0.1)
+
+
+@pytest.mark.parametrize("weight", [0.5, 10.0])
+def test_discriminator_total_adds_the_weighted_r1_term(weight):
+    pipe = pipeline(config(gan_loss_weight_gen=0.03, gan_r1_reg_weight=weight), gan=True)
+    torch.manual_seed(0)
+    out = pipe.compute_discriminator_loss(*toy_batch(5)[:3])
+    assert set(out) == {"gan_disc", "r1", "total"}
+    want = out["gan_disc"].double() + weight * out["r1"].double()
+    assert torch.equal(out["total"], want.to(out["total"].dtype))
+    assert out["r1"] > 0
+
+
+def test_discriminator_loss_calls_the_student_with_the_conditioning():
+    # backward simulation: the unroll to the drawn rung and the sample both see it
+    pipe = pipeline(multistep(backward_simulation=True, gan_loss_weight_gen=0.03), gan=True)
+    lat, noise, cond, _ = toy_batch(5)
+    calls = []
+    hook = pipe.student.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw.get("encoder_hidden_states")), with_kwargs=True
+    )
+    pipe.compute_discriminator_loss(lat, noise, cond)
+    hook.remove()
+    assert len(calls) == 4 and all(c is cond for c in calls)
