@@ -207,14 +207,24 @@ def test_zero_samples():
 # --- sample_from_t_list ----------------------------------------------------------------------
 
 
-def test_sample_from_t_list_is_uniform_over_rungs_without_the_final_zero():
+@pytest.mark.parametrize("seeded", [False, True], ids=["global", "generator"])
+def test_sample_from_t_list_is_uniform_over_rungs_without_the_final_zero(seeded):
     ladder = make_t_list(4, shift=5.0)
-    t, k = sample_from_t_list(N, ladder, device="cpu", dtype=torch.float64, return_index=True)
+    gen = torch.Generator().manual_seed(8) if seeded else None
+    t, k = sample_from_t_list(
+        N, ladder, device="cpu", dtype=torch.float64, return_index=True, generator=gen
+    )
     assert not bool((t == 0).any())
     assert torch.equal(t, torch.tensor(ladder, dtype=torch.float64)[k])
+    assert set(k.tolist()) == {0, 1, 2, 3}
     counts = torch.bincount(k, minlength=4).numpy()
     assert stats.chisquare(counts).pvalue > 0.01
     assert k.dtype == torch.int64
+
+
+def test_sample_from_t_list_makes_its_samples_on_the_requested_device():
+    t, k = sample_from_t_list(6, [0.9, 0.5, 0.0], device=torch.device("meta"), return_index=True)
+    assert t.device.type == "meta" and k.device.type == "meta" and t.shape == (6,)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
