@@ -303,6 +303,19 @@ def test_add_prod_and_lerp_pairs_carry_the_exact_value():
             assert error <= (abs(p) + abs(q)) * Fraction(1, 2**44)
 
 
+def test_div_one_minus_is_within_one_ulp_of_the_exact_quotient():
+    g = torch.Generator().manual_seed(7)
+    num = torch.randn(4000, generator=g)
+    t = torch.rand(4000, generator=g) * torch.rand(4000, generator=g) * 0.5  # 1 - t inexact
+    out = comp.div_one_minus(num, t, 1e-6)
+    exact = [Fraction(n) / (1 - Fraction(s)) for n, s in zip(num.tolist(), t.tolist())]
+    nearest = torch.tensor([float(q) for q in exact], dtype=torch.float64).float()
+    hi, _ = comp.one_minus(t)
+    # the low part of 1 - t moves results to the nearest float32 that num / hi misses
+    assert (out == nearest).float().mean() > (num / hi == nearest).float().mean()
+    assert bool((ulps(out, nearest) <= 1).all())
+
+
 def test_one_minus_is_exact():
     g = torch.Generator().manual_seed(4)
     t = torch.rand(N, generator=g) * torch.rand(N, generator=g)  # finer than rand's 2^-24 grid

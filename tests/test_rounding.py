@@ -142,3 +142,14 @@ def test_round_scalar_up_and_down_against_the_grid(dtype):
         assert round_scalar(x, dtype, "down") == down, (x, "down")
         assert round_scalar(x, dtype, "up") == up, (x, "up")
         assert round_scalar(x, dtype, "nearest") == exact_round(x, dtype), (x, "nearest")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["nearest", "down", "up"])
+def test_round_scalar_keeps_zeros_infinities_and_nan(dtype, mode):
+    from fastgen._rounding import round_scalar
+
+    for x in (0.0, -0.0, math.inf, -math.inf):
+        out = round_scalar(x, dtype, mode)
+        assert out == x and math.copysign(1.0, out) == math.copysign(1.0, x)
+    assert math.isnan(round_scalar(math.nan, dtype, mode))

@@ -425,3 +425,9 @@ def test_no_device_means_the_cpu_and_a_bad_cfg_is_named():
     assert t.device.type == "cpu" and t.dtype == torch.float64
     with pytest.raises(TypeError, match=r"^cfg must be a SampleTimestepConfig, got dict$"):
         sample_timesteps(5, {"min_t": 0.1}, device=None)
+
+
+@pytest.mark.parametrize("steps", [True, 2.0, 0])
+def test_make_t_list_wants_a_positive_int(steps):
+    with pytest.raises((TypeError, ValueError), match="num_steps"):
+        make_t_list(steps)
