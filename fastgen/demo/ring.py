@@ -13,15 +13,13 @@ from fastgen.demo.metrics import modes_covered, ring_precision, sliced_wasserste
 from fastgen.demo.networks import RingDiscriminator, VelocityMLP
 from fastgen.demo.plots import ring_plot
 from fastgen.demo.train import (
-    DistillSettings,
     GANSettings,
     Runtime,
-    distill,
+    distill_one_and_four_steps,
     euler_ode,
     student_sample,
     train_teacher,
 )
-from fastgen.timesteps import make_t_list
 
 SAMPLERS = ("teacher", "teacher_1step", "student_1step", "student_4step", "data")
 
@@ -59,22 +57,8 @@ def run(args, rt: Runtime, start: float) -> dict | None:
     def batch():
         return sample_ring(budget.batch, rt.device), None
 
-    one_step, four_step = make_t_list(1), make_t_list(4, shift=args.shift)
-    student_1 = distill(
-        rt,
-        teacher,
-        one_step,
-        batch,
-        DistillSettings(budget.onestep_updates, **SETTINGS, gan=GAN),
-        "1-step",
-    )
-    student_4 = distill(
-        rt,
-        teacher,
-        four_step,
-        batch,
-        DistillSettings(budget.multistep_updates, **SETTINGS),
-        "4-step",
+    one_step, four_step, student_1, student_4 = distill_one_and_four_steps(
+        rt, teacher, batch, budget, SETTINGS, args.shift, onestep_gan=GAN
     )
     if not rt.main:
         return None

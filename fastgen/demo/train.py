@@ -227,17 +227,23 @@ def distill(
 
 
 def distill_one_and_four_steps(
-    rt: Runtime, teacher: nn.Module, batch: Batch, budget, settings: dict, shift: float
+    rt: Runtime,
+    teacher: nn.Module,
+    batch: Batch,
+    budget,
+    settings: dict,
+    shift: float,
+    onestep_gan: GANSettings | None = None,
 ) -> tuple[list[float], list[float], nn.Module, nn.Module]:
     """The 1-step and the 4-step (``make_t_list(4, shift)``) students of ``teacher``.
 
     ``budget`` gives ``onestep_updates`` and ``multistep_updates``; ``settings`` the rest of
-    :class:`DistillSettings`. Returns both ladders and both EMA students.
+    :class:`DistillSettings`; ``onestep_gan`` the 1-step student's GAN branch, if any. Returns
+    both ladders and both EMA students.
     """
     one_step, four_step = make_t_list(1), make_t_list(4, shift=shift)
-    student_1 = distill(
-        rt, teacher, one_step, batch, DistillSettings(budget.onestep_updates, **settings), "1-step"
-    )
+    onestep = DistillSettings(budget.onestep_updates, **settings, gan=onestep_gan)
+    student_1 = distill(rt, teacher, one_step, batch, onestep, "1-step")
     student_4 = distill(
         rt,
         teacher,
