@@ -4,6 +4,7 @@ float64 references, per-sample backward simulation, the timestep convention, and
 from __future__ import annotations
 
 import copy
+import math
 
 import pydantic
 import pytest
@@ -13,6 +14,7 @@ from torch._dynamo.testing import CompileCounter
 from toys import ToyDiT, ToyTokenDiscriminator, toy_batch
 
 import fastgen
+import fastgen.dmd.pipeline
 from fastgen import DMDConfig, DMDPipeline, EMAConfig, make_t_list
 
 LADDER = make_t_list(4, shift=5.0)
@@ -561,3 +563,426 @@ def test_discriminator_loss_calls_the_student_with_the_conditioning():
     pipe.compute_discriminator_loss(lat, noise, cond)
     hook.remove()
     assert len(calls) == 4 and all(c is cond for c in calls)
+
+
+# --- what each network call receives ----------------------------------------------------------
+
+
+class Spy(ToyDiT):
+    """A ToyDiT that records every call's keyword arguments; returns a non-tensor when
+    ``broken(call)`` says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[dict] = []
+        self.broken = lambda call: False
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None, **kwargs):
+        call = {"hidden_states": hidden_states, "timestep": timestep}
+        call.update(encoder_hidden_states=encoder_hidden_states, **kwargs)
+        self.calls.append(call)
+        if self.broken(call):
+            return 7
+        known = {k: v for k, v in kwargs.items() if k in ("pooled_projections", "return_dict")}
+        return super().forward(hidden_states, timestep, encoder_hidden_states, **known)
+
+
+def spy_pipeline(cfg: DMDConfig, gan: bool = False) -> DMDPipeline:
+    torch.manual_seed(0)
+    teacher = Spy()
+    student, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    disc = None
+    if gan:
+        fastgen.attach_feature_capture(teacher, [0, 1], blocks="transformer_blocks")
+        disc = ToyTokenDiscriminator()
+    return DMDPipeline(student, teacher, fake, cfg, discriminator=disc)
+
+
+def _message(call, error) -> str:
+    with pytest.raises(error) as info:
+        call()
+    return str(info.value)
+
+
+def test_constructor_errors_name_the_argument_and_the_type():
+    net, cfg = nn.Linear(1, 1), DMDConfig()
+    for i, name in enumerate(("student", "teacher", "fake_score")):
+        nets = [net] * 3
+        nets[i] = 42
+        assert _message(lambda nets=nets: DMDPipeline(*nets, cfg), TypeError) == (
+            f"{name} must be an nn.Module, got int"
+        )
+    assert _message(lambda: DMDPipeline(net, net, net, cfg, discriminator="D"), TypeError) == (
+        "discriminator must be an nn.Module or None, got str"
+    )
+    assert _message(lambda: DMDPipeline(net, net, net, {}), TypeError) == (
+        "config must be a DMDConfig, got dict"
+    )
+    gan = DMDConfig(gan_loss_weight_gen=0.1)
+    assert _message(lambda: DMDPipeline(net, net, net, gan), ValueError) == (
+        "gan_loss_weight_gen > 0 needs a discriminator= for DMDPipeline"
+    )
+    assert _message(lambda: DMDPipeline(net, net, net, cfg, discriminator=net), ValueError) == (
+        "a discriminator reads teacher features: attach a capture to the teacher first, "
+        "fastgen.dmd.attach_feature_capture(teacher, taps=[...])"
+    )
+
+
+def test_loss_errors_in_full():
+    lat, noise, cond, neg = toy_batch(5)
+    guided = pipeline(config(guidance_scale=2.0))
+    assert _message(lambda: guided.compute_student_loss(lat, noise, cond), ValueError) == (
+        "guidance_scale = 2.0 needs negative_encoder_hidden_states (the unconditional teacher "
+        "call's conditioning)"
+    )
+    plain = pipeline(config())
+    assert _message(lambda: plain.compute_discriminator_loss(lat, noise, cond), ValueError) == (
+        "compute_discriminator_loss needs a discriminator: DMDPipeline(..., discriminator=D) "
+        "with a feature capture on the teacher"
+    )
+    gan = pipeline(config(gan_loss_weight_gen=0.1), gan=True)
+    with pytest.raises(ValueError, match=r"^latents and noise must have the same shape"):
+        gan.compute_discriminator_loss(lat, noise[:, :2], cond)
+    batched = spy_pipeline(config(guidance_scale=2.0, guidance_batching="batched"))
+    what = "guidance_batching='batched' needs"
+
+    def student(cond, **kwargs):
+        return lambda: batched.compute_student_loss(
+            lat, noise, cond, negative_encoder_hidden_states=neg, **kwargs
+        )
+
+    assert _message(student(cond, negative_model_kwargs={"b": 1}, a=1), ValueError) == (
+        f"{what} the same keyword arguments in both teacher calls, got ['a'] and ['a', 'b']"
+    )
+    assert _message(student(None), ValueError) == (
+        f"{what} encoder_hidden_states and negative_encoder_hidden_states of one shape, got "
+        "None and (5, 3, 8)"
+    )
+    assert _message(student(cond, negative_model_kwargs={"a": 2}, a=1), ValueError) == (
+        f"{what} every keyword argument to be batch-shaped or shared by both calls; 'a' differs"
+    )
+
+
+def _broken_cases():
+    """(config, gan, loss, which network breaks, on which call) for every call site."""
+    lat, noise, cond, neg = toy_batch(5)
+
+    def student_loss(pipe):
+        return pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg)
+
+    def fake_loss(pipe):
+        return pipe.compute_fake_score_loss(lat, noise, cond)
+
+    def disc_loss(pipe):
+        return pipe.compute_discriminator_loss(lat, noise, cond)
+
+    always = lambda call: True  # noqa: E731
+    unconditional = lambda call: call["encoder_hidden_states"] is neg  # noqa: E731
+    cfg, gan = config(guidance_scale=2.0), config(gan_loss_weight_gen=0.1)
+    batched = config(guidance_scale=2.0, guidance_batching="batched")
+    return {
+        "student-loss/fake_score": (cfg, False, student_loss, "fake_score", always),
+        "student-loss/teacher": (cfg, False, student_loss, "teacher", always),
+        "student-loss/unconditional-teacher": (cfg, False, student_loss, "teacher", unconditional),
+        "student-loss/batched-teacher": (batched, False, student_loss, "teacher", always),
+        "student-loss/gan-teacher": (gan, True, student_loss, "teacher", always),
+        "student-loss/student": (cfg, False, student_loss, "student", always),
+        "fake-score-loss/fake_score": (cfg, False, fake_loss, "fake_score", always),
+        "discriminator-loss/teacher": (gan, True, disc_loss, "teacher", always),
+    }
+
+
+BROKEN = _broken_cases()
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_bad_output_names_the_network_that_returned_it(case):
+    cfg, gan, loss, role, when = BROKEN[case]
+    pipe = spy_pipeline(cfg, gan=gan)
+    getattr(pipe, role).broken = when
+    with pytest.raises(TypeError, match=rf"^the {role} returned int; expected a Tensor"):
+        loss(pipe)
+
+
+class TupleNet(ToyDiT):
+    """ToyDiT's prediction first in a tuple or list, with something else after it."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.wrap = wrap
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None):
+        out = super().forward(hidden_states, timestep, encoder_hidden_states).sample
+        return self.wrap(out)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda out: (out,), lambda out: [out, out + 1.0], lambda out: (out, "aux")],
+    ids=["1-tuple", "list", "tuple-with-non-tensor"],
+)
+def test_tuple_outputs_give_their_first_element(wrap):
+    losses = []
+    for net in (ToyDiT(), TupleNet(wrap)):
+        torch.manual_seed(0)
+        nets = [copy.deepcopy(net) for _ in range(3)]
+        for other in nets:
+            other.load_state_dict(nets[0].state_dict())
+        pipe = DMDPipeline(*nets, config())
+        torch.manual_seed(1)
+        losses.append(pipe.compute_student_loss(*toy_batch(5)[:3])["total"])
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_an_empty_tuple_is_a_clear_error():
+    class Empty(nn.Module):
+        def forward(self, **kwargs):
+            return ()
+
+    pipe = DMDPipeline(Empty(), Empty(), Empty(), config())
+    with pytest.raises(TypeError, match=r"^the student returned tuple; expected a Tensor"):
+        pipe.compute_student_loss(*toy_batch(5)[:2])
+
+
+def _all_calls(pipe: DMDPipeline) -> list[dict]:
+    return pipe.student.calls + pipe.teacher.calls + pipe.fake_score.calls
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        config(),
+        multistep(guidance_scale=2.0, backward_simulation=True),
+        config(gan_loss_weight_gen=0.1, gan_r1_reg_weight=1.0),
+    ],
+    ids=["1step", "4step-backsim-cfg", "gan-r1"],
+)
+def test_every_tensor_stays_on_the_inputs_device(cfg):
+    """Meta tensors stand in for an accelerator: nothing may be created on the default device."""
+    gan = cfg.gan_loss_weight_gen > 0
+    pipe = spy_pipeline(cfg, gan=gan)
+    for net in (pipe.student, pipe.teacher, pipe.fake_score, pipe.discriminator):
+        if net is not None:
+            net.to("meta")
+    lat, noise, cond, neg = (x.to("meta") for x in toy_batch(5))
+    outs = [
+        pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg),
+        pipe.compute_fake_score_loss(lat, noise, cond),
+    ]
+    if gan:
+        outs.append(pipe.compute_discriminator_loss(lat, noise, cond))
+    assert all(v.is_meta for out in outs for v in out.values())
+    calls = _all_calls(pipe)
+    assert calls and all(c["hidden_states"].is_meta and c["timestep"].is_meta for c in calls)
+    assert pipe.sample_timesteps(3).is_meta and pipe.sample_timesteps(3, device="meta").is_meta
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [config(guidance_scale=2.0), multistep(guidance_scale=2.0, backward_simulation=True)],
+    ids=["1step", "4step-backsim"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_networks_see_the_latents_dtype_and_float32_timesteps(cfg, dtype):
+    pipe = spy_pipeline(cfg)
+    lat, noise, cond, neg = toy_batch(5, dtype=dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # nothing may rely on the default dtype
+    try:
+        pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg)
+        pipe.compute_fake_score_loss(lat, noise, cond)
+    finally:
+        torch.set_default_dtype(default)
+    calls = _all_calls(pipe)
+    # 1 step: student, fake score, teacher twice; student, fake score. 4 steps: 3 unrolled.
+    assert len(calls) == {1: 6, 4: 12}[cfg.student_sample_steps]
+    assert all(c["hidden_states"].dtype == dtype for c in calls)
+    assert all(c["timestep"].dtype == torch.float32 for c in calls)
+    assert pipe.sample_timesteps(3, dtype=torch.float64).dtype == torch.float64
+
+
+def test_one_step_student_input_is_max_t_noise_rounded_once():
+    pipe = spy_pipeline(config())
+    lat, noise, cond, _ = toy_batch(64)
+    pipe.compute_student_loss(lat, noise, cond)
+    x_s = pipe.student.calls[0]["hidden_states"]
+    assert torch.equal(x_s, (noise.double() * 0.999).float())
+    assert not torch.equal(x_s, noise * 0.999)  # float32 arithmetic rounds the product first
+
+
+def test_backward_simulation_starts_from_fresh_noise_at_the_first_rung(monkeypatch):
+    pipe = spy_pipeline(multistep(backward_simulation=True))
+    lat, noise, cond, _ = toy_batch(64)
+    fresh = torch.randn(lat.shape, dtype=torch.float64)  # digits beyond float32
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: fresh.to(kw.get("dtype") or x.dtype))
+    pipe._student_input(lat, noise, cond, {})
+    first = pipe.student.calls[0]
+    assert torch.equal(first["hidden_states"], (fresh * LADDER[0]).float())
+    assert torch.equal(first["timestep"], torch.full((64,), LADDER[0]))
+
+
+def test_fake_score_and_teacher_see_a_detached_sample_without_the_gan_branch():
+    pipe = spy_pipeline(config(guidance_scale=2.0))
+    lat, noise, cond, neg = toy_batch(5)
+    pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg)
+    assert pipe.student.calls[0]["hidden_states"].requires_grad is False
+    assert len(pipe.teacher.calls) == 2 and len(pipe.fake_score.calls) == 1
+    assert not any(c["hidden_states"].requires_grad for c in pipe.teacher.calls)
+    assert not pipe.fake_score.calls[0]["hidden_states"].requires_grad
+
+
+def test_teacher_and_fake_x0_enter_vsd_unrounded(monkeypatch):
+    seen = []
+
+    def spy(gen, teacher_x0, fake_x0, **kwargs):
+        seen.append((gen.dtype, teacher_x0.dtype, fake_x0.dtype))
+        return fastgen.vsd_loss(gen, teacher_x0, fake_x0, **kwargs)
+
+    monkeypatch.setattr(fastgen.dmd.pipeline, "vsd_loss", spy)
+    for cfg in (config(), config(guidance_scale=2.0), multistep(backward_simulation=True)):
+        pipe = pipeline(cfg)
+        lat, noise, cond, neg = toy_batch(5, dtype=torch.bfloat16)
+        pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg)
+    assert seen == [(torch.bfloat16, torch.float64, torch.float64)] * 3
+
+
+def test_unconditional_call_gets_the_negative_mask_or_none():
+    lat, noise, cond, neg = toy_batch(5)
+    mask, neg_mask = torch.ones(5, 3), torch.zeros(5, 3)
+    for given, expected in ((None, None), (neg_mask, neg_mask)):
+        pipe = spy_pipeline(config(guidance_scale=2.0))
+        pipe.compute_student_loss(
+            lat, noise, cond, negative_encoder_hidden_states=neg,
+            negative_encoder_hidden_states_mask=given, encoder_hidden_states_mask=mask,
+        )  # fmt: skip
+        cond_call, uncond_call = pipe.teacher.calls
+        assert cond_call["encoder_hidden_states_mask"] is mask
+        assert uncond_call.get("encoder_hidden_states_mask") is expected
+
+
+def test_batched_guidance_concatenates_per_sample_keyword_arguments():
+    lat, noise, cond, neg = toy_batch(5)
+    kwargs = {"pooled": torch.randn(5, 3), "lens": torch.arange(5.0), "shared": torch.tensor(2.0)}
+    negative = {"pooled": torch.zeros(5, 3), "lens": torch.zeros(5)}
+    pipe = spy_pipeline(config(guidance_scale=2.0, guidance_batching="batched"))
+    pipe.teacher.broken = lambda call: False
+
+    def forward(hidden_states, timestep, encoder_hidden_states=None, **kw):
+        pipe.teacher.calls.append(kw)
+        return (
+            hidden_states * (kw["pooled"].sum(1) + kw["lens"] + kw["shared"])[:, None, None, None]
+        )
+
+    pipe.teacher.forward = forward
+    for net in (pipe.student, pipe.fake_score):
+        net.forward = lambda hidden_states, timestep, encoder_hidden_states=None, **kw: (
+            hidden_states
+        )
+    pipe.compute_student_loss(
+        lat, noise, cond, negative_encoder_hidden_states=neg, negative_model_kwargs=negative,
+        **kwargs,
+    )  # fmt: skip
+    (call,) = pipe.teacher.calls
+    assert torch.equal(call["pooled"], torch.cat([kwargs["pooled"], negative["pooled"]]))
+    assert torch.equal(call["lens"], torch.cat([kwargs["lens"], negative["lens"]]))
+    assert call["shared"] is kwargs["shared"]
+
+
+def _bf16_nearest(p: float) -> float:
+    """``p`` rounded to bfloat16 (8 significant bits), to nearest, ties to even."""
+    spacing = 2.0 ** (math.frexp(p)[1] - 8)
+    return round(p / spacing) * spacing  # exact: a power-of-two scaling, round() ties to even
+
+
+def test_scaled_timestep_is_rounded_once_to_the_latents_dtype(monkeypatch):
+    # t such that t * 1000 lands on a bfloat16 tie once rounded to float32 but not exactly:
+    # rounding through float32 would pick the even neighbour, rounding once the nearer one.
+    ts = []
+    for k in range(200, 1000):
+        lo = _bf16_nearest(float(k))
+        hi = lo + 2.0 ** (math.frexp(lo)[1] - 8)
+        tie = (lo + hi) / 2
+        for t in (torch.tensor(tie / 1000).float(),):
+            p = float(t) * 1000.0  # exact in float64: 24 + 10 significant bits
+            if float(torch.tensor(p).float()) == tie != p and _bf16_nearest(p) != _bf16_nearest(
+                tie
+            ):
+                ts.append(float(t))
+    assert len(ts) >= 8
+    ts = torch.tensor(sorted(set(ts)))
+    nets = [Recorder() for _ in range(3)]
+    pipe = DMDPipeline(*nets, config(num_train_timesteps=1000, timestep_dtype="latents"))
+    monkeypatch.setattr(pipe, "sample_timesteps", lambda n, **kw: ts)
+    lat = torch.randn(len(ts), 2, 4, dtype=torch.bfloat16)
+    pipe.compute_student_loss(lat, torch.randn_like(lat))
+    seen = nets[2].seen[0]
+    assert seen.dtype == torch.bfloat16
+    assert seen.double().tolist() == [_bf16_nearest(float(t) * 1000.0) for t in ts]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_student_total_adds_the_weighted_gan_term_rounded_once(seed):
+    weight = 0.3
+    pipe = pipeline(config(gan_loss_weight_gen=weight), gan=True, seed=seed)
+    torch.manual_seed(seed)
+    out = pipe.compute_student_loss(*toy_batch(5)[:3])
+    assert out["total"].dtype == torch.float32
+    want = out["vsd"].double() + weight * out["gan_gen"].double()
+    assert torch.equal(out["total"], want.float())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_discriminator_total_is_rounded_once(seed):
+    weight = 0.3
+    pipe = pipeline(config(gan_loss_weight_gen=0.03, gan_r1_reg_weight=weight), gan=True, seed=seed)
+    torch.manual_seed(seed)
+    out = pipe.compute_discriminator_loss(*toy_batch(5)[:3])
+    assert out["total"].dtype == torch.float32
+    assert torch.equal(
+        out["total"], (out["gan_disc"].double() + weight * out["r1"].double()).float()
+    )
+
+
+def test_r1_perturbation_is_rounded_once_from_float64(monkeypatch):
+    cfg = config(gan_loss_weight_gen=0.1, gan_r1_reg_weight=1.0, gan_use_same_t_noise=True)
+    pipe = spy_pipeline(cfg, gan=True)
+    lat, noise, cond, _ = toy_batch(16)
+    z = torch.randn(lat.shape, dtype=torch.float64)
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: z.to(kw.get("dtype") or x.dtype))
+    pipe.compute_discriminator_loss(lat, noise, cond)
+    _fake, real, perturbed = pipe.teacher.calls
+    assert perturbed["hidden_states"].dtype == torch.float32
+    want = lat.double() + 0.1 * z.float().double()  # the draw is in the latents' dtype
+    assert torch.equal(perturbed["hidden_states"], want.float())
+    assert torch.equal(perturbed["timestep"], real["timestep"])
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_wrapped_discriminator_gives_the_plain_logits_and_no_weight_grads(one_rank_group, wrap):
+    """DDP is looked through (its reducer would wait for weight grads that never come); an
+    FSDP2 discriminator is called as it is, frozen by the caller around the student update."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    cfg = config(gan_loss_weight_gen=0.1)
+    plain, wrapped = pipeline(cfg, gan=True), pipeline(cfg, gan=True)
+    disc = wrapped.discriminator
+    if wrap == "ddp":
+        wrapped.discriminator = disc = nn.parallel.DistributedDataParallel(disc)
+    else:
+        fully_shard(disc, mesh=init_device_mesh("cpu", (1,)))
+        wrapped = DMDPipeline(
+            wrapped.student, wrapped.teacher, wrapped.fake_score, cfg, discriminator=disc
+        )
+        disc.requires_grad_(False)
+
+    for _ in range(2):  # a second update: DDP's reducer would complain about the first
+        outs = []
+        for pipe in (plain, wrapped):
+            torch.manual_seed(0)
+            out = pipe.compute_student_loss(*toy_batch(5)[:3])
+            out["total"].backward()
+            outs.append(out)
+        assert torch.equal(outs[0]["gan_gen"], outs[1]["gan_gen"])
+        assert all(p.grad is None for p in disc.parameters())
+        assert wrapped.student.proj_out.weight.grad.abs().sum() > 0
