@@ -920,27 +920,30 @@ def test_scaled_timestep_is_rounded_once_to_the_latents_dtype(monkeypatch):
     assert seen.double().tolist() == [_bf16_nearest(float(t) * 1000.0) for t in ts]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_student_total_adds_the_weighted_gan_term_rounded_once(seed):
+def test_student_total_adds_the_weighted_gan_term_rounded_once():
+    # 40 batches: a float32 sum of two float32 terms differs from the once-rounded one in
+    # about one case in ten when the terms are of similar size
     weight = 0.3
-    pipe = pipeline(config(gan_loss_weight_gen=weight), gan=True, seed=seed)
-    torch.manual_seed(seed)
-    out = pipe.compute_student_loss(*toy_batch(5)[:3])
-    assert out["total"].dtype == torch.float32
-    want = out["vsd"].double() + weight * out["gan_gen"].double()
-    assert torch.equal(out["total"], want.float())
+    pipe = pipeline(config(gan_loss_weight_gen=weight), gan=True)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = pipe.compute_student_loss(*toy_batch(5)[:3])
+        assert out["total"].dtype == torch.float32
+        want = out["vsd"].double() + weight * out["gan_gen"].double()
+        assert torch.equal(out["total"], want.float()), seed
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_discriminator_total_is_rounded_once(seed):
-    weight = 0.3
-    pipe = pipeline(config(gan_loss_weight_gen=0.03, gan_r1_reg_weight=weight), gan=True, seed=seed)
-    torch.manual_seed(seed)
-    out = pipe.compute_discriminator_loss(*toy_batch(5)[:3])
-    assert out["total"].dtype == torch.float32
-    assert torch.equal(
-        out["total"], (out["gan_disc"].double() + weight * out["r1"].double()).float()
-    )
+def test_discriminator_total_is_rounded_once():
+    weight = 0.3  # alpha 10: an R1 term of the size of the GAN term, so both roundings show
+    cfg = config(gan_loss_weight_gen=0.03, gan_r1_reg_weight=weight, gan_r1_reg_alpha=10.0)
+    pipe = pipeline(cfg, gan=True)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = pipe.compute_discriminator_loss(*toy_batch(5)[:3])
+        assert out["total"].dtype == torch.float32
+        assert 0.01 < float(weight * out["r1"] / out["gan_disc"]) < 100
+        want = out["gan_disc"].double() + weight * out["r1"].double()
+        assert torch.equal(out["total"], want.float()), seed
 
 
 def test_r1_perturbation_is_rounded_once_from_float64(monkeypatch):

@@ -56,8 +56,15 @@ def _ties(dtype: torch.dtype, n: int, gen: torch.Generator) -> torch.Tensor:
     return ties * torch.where(torch.rand(ties.shape, generator=gen) < 0.5, -1.0, 1.0)
 
 
+def _traced(fn):
+    """``fn`` as Dynamo captures it (run op by op): round_once's compiled-mode formula."""
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="eager", fullgraph=True)
+
+
+@pytest.mark.parametrize("mode", ["eager", "traced"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_round_once_matches_the_exact_rounding_everywhere(dtype):
+def test_round_once_matches_the_exact_rounding_everywhere(dtype, mode):
     gen = torch.Generator().manual_seed(11)
     ties = _ties(dtype, 300, gen)
     assert torch.equal(ties.float().double(), ties)  # ties are float32 values
@@ -72,14 +79,16 @@ def test_round_once_matches_the_exact_rounding_everywhere(dtype):
     )
     x = torch.cat([ties, ties + nudge, specials, wide])
     assert bool(((ties + nudge).float().double() == ties).all())
-    out = round_once(x, dtype)
+    fn = (lambda x: round_once(x, dtype)) if mode == "eager" else _traced(round_once)
+    out = fn(x) if mode == "eager" else fn(x, dtype)
     want = torch.tensor([exact_round(v, dtype) for v in x.tolist()], dtype=torch.float64)
     assert out.dtype == dtype
     assert torch.equal(out.double(), want)
     assert torch.equal(torch.signbit(out), torch.signbit(want))
     # torch's own conversion rounds twice on these: the test sees the difference
     assert not torch.equal(x.to(dtype).double(), want)
-    assert torch.isnan(round_once(torch.tensor([math.nan], dtype=torch.float64), dtype)).all()
+    nan = torch.tensor([math.nan, -math.nan], dtype=torch.float64)
+    assert torch.isnan(fn(nan) if mode == "eager" else fn(nan, dtype)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
