@@ -279,12 +279,19 @@ def sample_from_t_list(
         index = torch.randint(0, len(rungs) - 1, (n,), device=device)
     else:
         index = torch.randint(0, len(rungs) - 1, (n,), device=device, generator=generator)
-    # Each rung rounded once on the host, so the tensor holds exact values in any dtype.
-    rungs = [round_scalar(r, dtype) for r in rungs]
-    t = torch.full((n,), rungs[0], dtype=dtype, device=device)
+    t = _rungs_at(index, rungs, dtype=dtype)
+    return (t, index) if return_index else t
+
+
+def _rungs_at(index: Tensor, t_list: Sequence[float], *, dtype: torch.dtype) -> Tensor:
+    """``t_list[index]`` on ``index``'s device, each rung rounded once to ``dtype`` on the host
+    (Python constants selected with ``torch.where``: no tensor built from the list, no sync).
+    ``index`` must lie in ``[0, len(t_list) - 1)``; checked by the callers' construction."""
+    rungs = [round_scalar(r, dtype) for r in t_list]
+    t = torch.full(index.shape, rungs[0], dtype=dtype, device=index.device)
     for k in range(1, len(rungs) - 1):
         t = torch.where(index == k, rungs[k], t)
-    return (t, index) if return_index else t
+    return t
 
 
 def make_t_list(num_steps: int, *, shift: float = 1.0, max_t: float = 0.999) -> list[float]:

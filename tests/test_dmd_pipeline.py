@@ -54,6 +54,9 @@ CONFIGS = {
     "4step-real": lambda: multistep(guidance_scale=2.0),
     "4step-backsim-ode": lambda: multistep(guidance_scale=2.0, backward_simulation=True),
     "4step-backsim-sde": lambda: multistep(backward_simulation=True, student_sample_type="sde"),
+    "4step-backsim-stratified": lambda: multistep(
+        guidance_scale=2.0, backward_simulation=True, rung_sampling="stratified"
+    ),
     "gan-r1": lambda: config(guidance_scale=2.0, gan_loss_weight_gen=0.03, gan_r1_reg_weight=10.0),
 }
 
@@ -97,7 +100,9 @@ def test_each_loss_is_one_graph_for_every_batch(name):
         assert counter.frame_count == 1, (loss_name, counter.frame_count)
 
 
-@pytest.mark.parametrize("name", ["1step-cfg", "4step-backsim-ode", "gan-r1"])
+@pytest.mark.parametrize(
+    "name", ["1step-cfg", "4step-backsim-ode", "4step-backsim-stratified", "gan-r1"]
+)
 def test_aot_eager_equals_eager(monkeypatch, name):
     results = []
     for backend in (None, "aot_eager"):
@@ -989,3 +994,99 @@ def test_wrapped_discriminator_gives_the_plain_logits_and_no_weight_grads(one_ra
         assert torch.equal(outs[0]["gan_gen"], outs[1]["gan_gen"])
         assert all(p.grad is None for p in disc.parameters())
         assert wrapped.student.proj_out.weight.grad.abs().sum() > 0
+
+
+# --- rung_sampling="stratified" ---------------------------------------------------------------
+
+
+def _rung_of(t: torch.Tensor) -> list[int]:
+    rungs = torch.tensor(LADDER[:-1], dtype=torch.float32)
+    return [int((rungs == v).nonzero()) for v in t]
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 8])
+def test_stratified_rungs_are_uniform_per_sample_in_groups_differing_by_one(n):
+    pipe = pipeline(multistep(rung_sampling="stratified"))
+    lat, noise, _, _ = toy_batch(n)
+    torch.manual_seed(0)
+    draws = 4000
+    counts = torch.zeros(n, 4)
+    for _ in range(draws):
+        k = torch.tensor(_rung_of(pipe._student_input(lat, noise, None, {})[1]))
+        group = torch.bincount(k, minlength=4)
+        assert int(group.max() - group.min()) <= 1, group  # groups of n // 4 or n // 4 + 1
+        counts[torch.arange(n), k] += 1
+    # each sample: rung frequencies within 5 binomial sigmas of 1/4
+    sigma = (draws * 0.25 * 0.75) ** 0.5
+    assert float((counts - draws / 4).abs().max()) < 5 * sigma, counts
+
+
+@pytest.mark.parametrize("n", [5, 8])
+def test_stratified_unroll_runs_each_call_on_the_rows_that_need_it(n):
+    pipe = spy_pipeline(multistep(backward_simulation=True, rung_sampling="stratified"))
+    lat, noise, cond, _ = toy_batch(n)
+    pipe.compute_student_loss(lat, noise, cond)
+    rows = [c["hidden_states"].shape[0] for c in pipe.student.calls]
+    assert rows == [-(-(3 - j) * n // 4) for j in range(3)] + [n]
+
+
+@pytest.mark.parametrize("sample_type", ["ode", "sde"])
+def test_stratified_unroll_gives_each_sample_its_rungs_input(monkeypatch, sample_type):
+    """Each sample's input equals the one the independent path gives for the same rung, the
+    same fresh noise (and, for sde, the same step noise)."""
+    n = 7
+    cfgs = {
+        mode: multistep(
+            backward_simulation=True, student_sample_type=sample_type, rung_sampling=mode
+        )
+        for mode in ("independent", "stratified")
+    }
+    pipe = spy_pipeline(cfgs["stratified"])
+    lat, noise, cond, _ = toy_batch(n)
+    fresh = torch.randn(n, 4, 8, 8, dtype=torch.float64)
+    steps = [torch.randn(n, 4, 8, 8) for _ in range(2)]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn", lambda size, **kw: fresh[: size[0]].to(kw["dtype"]))
+        queue = list(steps)
+        m.setattr(torch, "randn_like", lambda x, **kw: queue.pop(0)[: x.shape[0]])
+        x_s, t_s = pipe._student_input(lat, noise, cond, {})
+    k = _rung_of(t_s)
+    # which sample sits in which unrolled row: the gathered conditioning tells
+    first = pipe.student.calls[0]["encoder_hidden_states"]
+    row = {i: r for i in range(n) for r in range(first.shape[0]) if torch.equal(first[r], cond[i])}
+    assert {i for i in range(n) if k[i] > 0} <= set(row)  # (a spare row may hold a rung 0)
+    # the independent path, fed sample i's row of every draw
+    plain = DMDPipeline(pipe.student, pipe.teacher, pipe.fake_score, cfgs["independent"])
+    gather = torch.tensor([row.get(i, 0) for i in range(n)])
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randint", lambda lo, hi, size, **kw: torch.tensor(k))
+        draws = [fresh[gather]] + [s[gather] for s in steps]
+        m.setattr(torch, "randn_like", lambda x, **kw: draws.pop(0).to(kw.get("dtype") or x.dtype))
+        x_ref, t_ref = plain._student_input(lat, noise, cond, {})
+    assert torch.equal(t_s, t_ref)
+    # batch composition changes the network's float32 rounding, nothing else
+    torch.testing.assert_close(x_s, x_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(
+        x_s[[i for i in range(n) if k[i] == 0]], x_ref[[i for i in range(n) if k[i] == 0]]
+    )
+
+
+def test_stratified_unroll_gathers_per_sample_keyword_arguments():
+    pipe = spy_pipeline(multistep(backward_simulation=True, rung_sampling="stratified"))
+    lat, noise, cond, _ = toy_batch(6)
+    pooled, shared = torch.arange(6.0)[:, None].expand(6, 3), torch.tensor(2.0)
+    pipe._student_input(lat, noise, cond, {"pooled": pooled, "shared": shared})
+    for call in pipe.student.calls:
+        index = call["pooled"][:, 0].long()  # the rows' sample numbers
+        assert torch.equal(call["encoder_hidden_states"], cond[index])
+        assert call["shared"] is shared
+    with pytest.raises(
+        ValueError, match=r"pass 'lens' as a tensor \(batch first\), not a list of 6"
+    ):
+        pipe._student_input(lat, noise, cond, {"lens": [1] * 6})
+
+
+def test_rung_sampling_is_checked():
+    assert DMDConfig().rung_sampling == "independent"
+    with pytest.raises(pydantic.ValidationError, match="rung_sampling"):
+        multistep(rung_sampling="sorted")

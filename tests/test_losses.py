@@ -247,3 +247,24 @@ def test_gan_losses_are_computed_in_float64_where_float32_rounds():
         logit = value.reshape(1, 1)
         assert gan_gen_loss(logit).item() == _softplus64(-logit).float().item()
         assert gan_disc_loss(-logit, logit).item() == (2 * _softplus64(logit)).float().item()
+
+
+@pytest.mark.parametrize("pred_type", ["x0", "eps", "flow"])
+def test_dsm_and_r1_losses_are_the_float64_value_rounded_once(pred_type):
+    from fastgen import r1_loss
+
+    # A float32 mean of squares differs from the float64 one rounded once in most batches.
+    gen = torch.Generator().manual_seed(3)
+    mismatched = 0
+    for _ in range(20):
+        x0, eps, pred = (torch.randn(64, 7, generator=gen) for _ in range(3))
+        target = targets(x0.double(), eps.double())[pred_type]
+        loss = dsm_loss(pred, x0=x0, eps=eps, t=torch.rand(64, generator=gen), pred_type=pred_type)
+        want = ((pred.double() - target) ** 2).mean().float()
+        assert torch.equal(loss, want)
+        real, fake = x0[:, :2], eps[:, :2]
+        assert torch.equal(
+            r1_loss(real, fake), ((real.double() - fake.double()) ** 2).mean().float()
+        )
+        mismatched += int(((pred - targets(x0, eps)[pred_type]) ** 2).mean() != want)
+    assert mismatched > 0  # the float32 formula would have failed

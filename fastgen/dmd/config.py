@@ -140,6 +140,14 @@ class DMDConfig(DistillationConfig):
     """Multi-step students: train each rung on the student's own unrolled samples (re-noised at
     the rung) instead of on noised real latents."""
 
+    rung_sampling: Literal["independent", "stratified"] = "independent"
+    """How a multi-step student's batch draws its rungs. ``independent``: each sample its own
+    uniform rung. ``stratified``: each sample's rung is still uniform, but the batch splits into
+    rung groups whose sizes differ by at most one (a random offset, in random order), so the
+    backward-simulation unroll runs each call only on the rows that need it: about (K - 1) / 2
+    calls' worth of rows instead of K - 1, at fixed shapes (no host read). Per-sample keyword
+    arguments must then be tensors (batch first); the unroll gathers them."""
+
     gan_loss_weight_gen: float = Field(0.0, ge=0.0)
     """Weight of the GAN generator term in the student loss; 0 disables the GAN branch."""
 

@@ -46,7 +46,7 @@ from fastgen.dmd.guidance import check_scale, classifier_free_guidance
 from fastgen.flow_matching import _check_pair, add_noise, convert_prediction, x0_to_eps
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
 from fastgen.precision import compute_dtype, widen
-from fastgen.timesteps import sample_from_t_list, sample_timesteps
+from fastgen.timesteps import _rungs_at, sample_from_t_list, sample_timesteps
 
 __all__ = ["DMDPipeline"]
 
@@ -71,6 +71,25 @@ def _unwrap_output(out: Any, role: str) -> Tensor:
         f"the {role} returned {type(out).__name__}; expected a Tensor, a tuple whose first "
         f"element is a Tensor, or an object with a .sample Tensor (diffusers' outputs)"
     )
+
+
+def _gather_per_sample(
+    kwargs: dict[str, Any], index: Tensor, n: int
+) -> tuple[dict[str, Any], set[str]]:
+    """``kwargs`` with every batch-shaped tensor (first dim ``n``) gathered at ``index``."""
+    out, gathered = {}, set()
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n:
+            out[key] = value.index_select(0, index)
+            gathered.add(key)
+        elif isinstance(value, (list, tuple)) and len(value) == n and n > 1:
+            raise ValueError(
+                f"rung_sampling='stratified' gathers per-sample keyword arguments on the device: "
+                f"pass {key!r} as a tensor (batch first), not a {type(value).__name__} of {n}"
+            )
+        else:
+            out[key] = value
+    return out, gathered
 
 
 class DMDPipeline:
@@ -281,6 +300,8 @@ class DMDPipeline:
         if self._steps == 1:
             t_s = torch.full((n,), self._max_t, device=noise.device, dtype=torch.float32)
             return round_once(widen(noise, wide) * self._max_t, noise.dtype), t_s
+        if self.config.rung_sampling == "stratified":
+            return self._stratified_input(latents, noise, ehs, model_kwargs)
         t_s, k = sample_from_t_list(
             n, self._t_list, device=noise.device, dtype=torch.float32, return_index=True
         )
@@ -303,6 +324,58 @@ class DMDPipeline:
                         step_noise = torch.randn_like(noise)
                     t_next = torch.full_like(t_j, ladder[j + 1])
                     x = add_noise(x0_hat, step_noise, t_next)
+            x_s = torch.where(
+                self._rung_index_mask(k, 0, noise), pure, add_noise(x0_at_k, noise, t_s)
+            )
+        return x_s, t_s
+
+    def _stratified_input(
+        self, latents: Tensor, noise: Tensor, ehs: Tensor | None, model_kwargs: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """``rung_sampling="stratified"``: rungs in groups whose sizes differ by at most one;
+        the backward-simulation unroll runs each call only on the rows that need it."""
+        n, steps, ladder, device = noise.shape[0], self._steps, self._t_list, noise.device
+        # Position i of a random order holds rung K-1 - (K i + r) // n with r ~ U{0..K-1}: the
+        # rung of every sample is uniform, rungs do not increase along the order, and at most
+        # rows[j] = ceil((K-1-j) n / K) positions hold a rung above j (a size fixed by n).
+        order = torch.randperm(n, device=device)
+        offset = torch.randint(0, steps, (), device=device)
+        sorted_k = (steps - 1) - (steps * torch.arange(n, device=device) + offset) // n
+        position = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=device))
+        t_s = _rungs_at(sorted_k.index_select(0, position), ladder, dtype=torch.float32)
+        if not self.config.backward_simulation:
+            return add_noise(latents, noise, t_s), t_s
+        rows = [((steps - 1 - j) * n + steps - 1) // steps for j in range(steps - 1)]
+        wide = compute_dtype(device)
+        pure = round_once(widen(noise, wide) * ladder[0], noise.dtype)
+        with torch.no_grad():
+            take = order[: rows[0]]
+            ehs_sorted = None if ehs is None else ehs.index_select(0, take)
+            kwargs_sorted, gathered = _gather_per_sample(model_kwargs, take, n)
+            size = (rows[0], *noise.shape[1:])
+            x = torch.randn(size, device=device, dtype=wide) * ladder[0]
+            x = round_once(x, noise.dtype)  # fresh noise: the student's own samples
+            x0_sorted = torch.zeros_like(noise)
+            for j in range(steps - 1):
+                m = rows[j]
+                x = x[:m]
+                t_j = torch.full((m,), ladder[j], device=device, dtype=torch.float32)
+                kwargs_j = {
+                    key: value[:m] if key in gathered else value
+                    for key, value in kwargs_sorted.items()
+                }
+                cond = None if ehs_sorted is None else ehs_sorted[:m]
+                x0_hat = self._student_x0(x, t_j, cond, kwargs_j)
+                keep = self._rung_index_mask(sorted_k[:m], j + 1, x0_hat)
+                x0_sorted = torch.cat([torch.where(keep, x0_hat, x0_sorted[:m]), x0_sorted[m:]])
+                if j + 1 < steps - 1:
+                    if self.config.student_sample_type == "ode":
+                        step_noise = x0_to_eps(x0_hat, x, t_j)
+                    else:
+                        step_noise = torch.randn_like(x0_hat)
+                    x = add_noise(x0_hat, step_noise, torch.full_like(t_j, ladder[j + 1]))
+            x0_at_k = x0_sorted.index_select(0, position)
+            k = sorted_k.index_select(0, position)
             x_s = torch.where(
                 self._rung_index_mask(k, 0, noise), pure, add_noise(x0_at_k, noise, t_s)
             )
