@@ -47,13 +47,15 @@ CASES = {
     },
 }
 # modelopt first: ratios in one run. "+batched-cfg": guidance_batching="batched" (one teacher
-# call of batch 2B); "+float32": the float32 precision policy.
+# call of batch 2B); "+float32": the float32 precision policy; "+stratified":
+# rung_sampling="stratified" (multi-step only: the unroll runs each call on the rows that need it).
 IMPLS = [
     "modelopt-eager",
     "fastgen-eager",
     "fastgen-compiled",
     "fastgen-compiled+batched-cfg",
     "fastgen-compiled+float32",
+    "fastgen-compiled+stratified",
 ]
 
 
@@ -63,6 +65,8 @@ IMPLS = [
 def test_dmd2_update(benchmark, device, is_smoke, medians, impl, case, dtype):
     if impl.startswith("modelopt"):
         mtf = pytest.importorskip("modelopt.torch.fastgen")
+    if impl.endswith("+stratified") and case == "1step":
+        pytest.skip("a 1-step student draws no rung")
     torch.manual_seed(0)
     teacher = ToyDiT().to(device, dtype)
     student, fake = copy.deepcopy(teacher), copy.deepcopy(teacher).requires_grad_(True)
@@ -72,6 +76,8 @@ def test_dmd2_update(benchmark, device, is_smoke, medians, impl, case, dtype):
     else:
         if impl.endswith("+batched-cfg"):
             kwargs["guidance_batching"] = "batched"
+        if impl.endswith("+stratified"):
+            kwargs["rung_sampling"] = "stratified"
         pipe = fastgen.DMDPipeline(student, teacher, fake, fastgen.DMDConfig(**kwargs))
     student_loss, fake_loss = pipe.compute_student_loss, pipe.compute_fake_score_loss
     if impl.startswith("fastgen-compiled"):
