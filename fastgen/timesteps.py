@@ -221,7 +221,10 @@ def sample_timesteps(
     u = _uniforms(n, cfg.stratified, device, generator, wide)
     if cfg.time_dist_type == "polynomial":
         index = torch.floor(u * POLYNOMIAL_GRID).clamp_max(POLYNOMIAL_GRID - 1)
-        t = cfg.min_t + (cfg.max_t - cfg.min_t) / (POLYNOMIAL_GRID - 1) * index
+        # As a lerp, so that the grid's ends are min_t and max_t exactly in any compute dtype
+        # (u can round to 1 in float32: (n - 1 + u) / n for the last stratum).
+        s = index / (POLYNOMIAL_GRID - 1)
+        t = cfg.min_t * (1.0 - s) + cfg.max_t * s
     else:
         lo = _inverse_quantile(cfg.min_t, cfg)
         hi = _inverse_quantile(cfg.max_t, cfg)

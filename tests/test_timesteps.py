@@ -133,6 +133,23 @@ def test_polynomial_is_uniform_on_the_grid(stratified):
     assert stats.chisquare(counts).pvalue > 0.01
 
 
+@pytest.mark.parametrize("policy", ["float64", "float32"])
+def test_polynomial_grid_ends_at_the_bounds(monkeypatch, policy):
+    """The last stratum's draw can round to u = 1 in float32: it must still be the last grid
+    point, max_t (and u = 0 the first, min_t), for bounds where min + step * 999 misses max_t."""
+    from fastgen import use_precision
+
+    lo, hi = (float(torch.tensor(b)) for b in (0.0123, 0.8765))  # float32 values
+    assert float(torch.tensor(lo) + torch.tensor((hi - lo) / 999) * 999) != hi
+    cfg = SampleTimestepConfig(time_dist_type="polynomial", min_t=lo, max_t=hi, stratified=True)
+    draws = {"rand": torch.tensor([0.0, 1.0 - 2.0**-24]), "randperm": torch.tensor([0, 1])}
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: draws["rand"].to(kw["dtype"]))
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: draws["randperm"])
+    with use_precision(policy):
+        t = sample_timesteps(2, cfg, device="cpu", dtype=torch.float32)
+    assert t.tolist() == [lo, hi]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", [*CONTINUOUS, "polynomial"])
 def test_samples_stay_inside_bounds_after_rounding(kind, dtype):
