@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounter
+from torch.utils._python_dispatch import TorchDispatchMode
 from toys import ToyDiT, ToyTokenDiscriminator, toy_batch
 
 import fastgen
@@ -753,14 +754,30 @@ def _all_calls(pipe: DMDPipeline) -> list[dict]:
     return pipe.student.calls + pipe.teacher.calls + pipe.fake_score.calls
 
 
+class _DeviceLog(TorchDispatchMode):
+    """Records every op whose tensor output is not on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.off_device: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in torch.utils._pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and not leaf.is_meta:
+                self.off_device.append(f"{func}: {leaf.device}")
+        return out
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
         config(),
         multistep(guidance_scale=2.0, backward_simulation=True),
         config(gan_loss_weight_gen=0.1, gan_r1_reg_weight=1.0),
+        multistep(guidance_scale=2.0, backward_simulation=True, rung_sampling="stratified"),
     ],
-    ids=["1step", "4step-backsim-cfg", "gan-r1"],
+    ids=["1step", "4step-backsim-cfg", "gan-r1", "4step-stratified"],
 )
 def test_every_tensor_stays_on_the_inputs_device(cfg):
     """Meta tensors stand in for an accelerator: nothing may be created on the default device."""
@@ -770,12 +787,16 @@ def test_every_tensor_stays_on_the_inputs_device(cfg):
         if net is not None:
             net.to("meta")
     lat, noise, cond, neg = (x.to("meta") for x in toy_batch(5))
-    outs = [
-        pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg),
-        pipe.compute_fake_score_loss(lat, noise, cond),
-    ]
-    if gan:
-        outs.append(pipe.compute_discriminator_loss(lat, noise, cond))
+    with _DeviceLog() as log:
+        outs = [
+            pipe.compute_student_loss(lat, noise, cond, negative_encoder_hidden_states=neg),
+            pipe.compute_fake_score_loss(lat, noise, cond),
+        ]
+        if gan:
+            outs.append(pipe.compute_discriminator_loss(lat, noise, cond))
+    # every op's output, the library's own included (0-d ones too: a 0-d tensor made on the
+    # host would still combine with device tensors, but be drawn on the host)
+    assert log.off_device == [], log.off_device
     assert all(v.is_meta for out in outs for v in out.values())
     calls = _all_calls(pipe)
     assert calls and all(c["hidden_states"].is_meta and c["timestep"].is_meta for c in calls)
@@ -784,8 +805,12 @@ def test_every_tensor_stays_on_the_inputs_device(cfg):
 
 @pytest.mark.parametrize(
     "cfg",
-    [config(guidance_scale=2.0), multistep(guidance_scale=2.0, backward_simulation=True)],
-    ids=["1step", "4step-backsim"],
+    [
+        config(guidance_scale=2.0),
+        multistep(guidance_scale=2.0, backward_simulation=True),
+        multistep(guidance_scale=2.0, backward_simulation=True, rung_sampling="stratified"),
+    ],
+    ids=["1step", "4step-backsim", "4step-stratified"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_networks_see_the_latents_dtype_and_float32_timesteps(cfg, dtype):
@@ -1021,13 +1046,27 @@ def test_stratified_rungs_are_uniform_per_sample_in_groups_differing_by_one(n):
     assert float((counts - draws / 4).abs().max()) < 5 * sigma, counts
 
 
+@pytest.mark.parametrize("conditioned", [True, False])
 @pytest.mark.parametrize("n", [5, 8])
-def test_stratified_unroll_runs_each_call_on_the_rows_that_need_it(n):
+def test_stratified_unroll_runs_each_call_on_the_rows_that_need_it(n, conditioned):
     pipe = spy_pipeline(multistep(backward_simulation=True, rung_sampling="stratified"))
     lat, noise, cond, _ = toy_batch(n)
-    pipe.compute_student_loss(lat, noise, cond)
+    pipe.compute_student_loss(lat, noise, cond if conditioned else None)
     rows = [c["hidden_states"].shape[0] for c in pipe.student.calls]
     assert rows == [-(-(3 - j) * n // 4) for j in range(3)] + [n]
+    assert all((c["encoder_hidden_states"] is None) != conditioned for c in pipe.student.calls)
+
+
+def test_stratified_unroll_starts_from_fresh_noise_rounded_once(monkeypatch):
+    pipe = spy_pipeline(multistep(backward_simulation=True, rung_sampling="stratified"))
+    lat, noise, cond, _ = toy_batch(64)
+    fresh = torch.randn(lat.shape, dtype=torch.float64)  # digits beyond float32
+    monkeypatch.setattr(
+        torch, "randn", lambda size, **kw: fresh[: size[0]].to(kw.get("dtype") or torch.float32)
+    )
+    pipe._student_input(lat, noise, cond, {})
+    first = pipe.student.calls[0]
+    assert torch.equal(first["hidden_states"], (fresh[:48] * LADDER[0]).float())
 
 
 @pytest.mark.parametrize("sample_type", ["ode", "sde"])
@@ -1075,11 +1114,19 @@ def test_stratified_unroll_gathers_per_sample_keyword_arguments():
     pipe = spy_pipeline(multistep(backward_simulation=True, rung_sampling="stratified"))
     lat, noise, cond, _ = toy_batch(6)
     pooled, shared = torch.arange(6.0)[:, None].expand(6, 3), torch.tensor(2.0)
-    pipe._student_input(lat, noise, cond, {"pooled": pooled, "shared": shared})
+    lens = torch.arange(6.0)  # one value per sample, 1-D
+    pipe._student_input(lat, noise, cond, {"pooled": pooled, "shared": shared, "lens": lens})
     for call in pipe.student.calls:
         index = call["pooled"][:, 0].long()  # the rows' sample numbers
         assert torch.equal(call["encoder_hidden_states"], cond[index])
+        assert torch.equal(call["lens"], lens[index])
         assert call["shared"] is shared
+    # a list as long as the batch is refused from 2 samples on; with 1 it is that sample's
+    one = spy_pipeline(multistep(backward_simulation=True, rung_sampling="stratified"))
+    one._student_input(lat[:1], noise[:1], cond[:1], {"txt": [7]})
+    assert all(c["txt"] == [7] for c in one.student.calls)
+    with pytest.raises(ValueError, match="not a list of 2"):
+        one._student_input(lat[:2], noise[:2], cond[:2], {"txt": [7, 8]})
     with pytest.raises(
         ValueError, match=r"pass 'lens' as a tensor \(batch first\), not a list of 6"
     ):
