@@ -300,86 +300,103 @@ class DMDPipeline:
         if self._steps == 1:
             t_s = torch.full((n,), self._max_t, device=noise.device, dtype=torch.float32)
             return round_once(widen(noise, wide) * self._max_t, noise.dtype), t_s
-        if self.config.rung_sampling == "stratified":
-            return self._stratified_input(latents, noise, ehs, model_kwargs)
-        t_s, k = sample_from_t_list(
-            n, self._t_list, device=noise.device, dtype=torch.float32, return_index=True
-        )
+        stratified = self.config.rung_sampling == "stratified"
+        if stratified:
+            order, sorted_k, position = self._stratified_rungs(n, noise.device)
+            k = sorted_k.index_select(0, position)
+            t_s = _rungs_at(k, self._t_list, dtype=torch.float32)
+        else:
+            t_s, k = sample_from_t_list(
+                n, self._t_list, device=noise.device, dtype=torch.float32, return_index=True
+            )
         if not self.config.backward_simulation:
             return add_noise(latents, noise, t_s), t_s
-        ladder = self._t_list
-        pure = round_once(widen(noise, wide) * ladder[0], noise.dtype)
+        pure = round_once(widen(noise, wide) * self._t_list[0], noise.dtype)
         with torch.no_grad():
-            # Fresh noise for the unroll: the student's own sample, independent of `noise`.
-            x = round_once(torch.randn_like(noise, dtype=wide) * ladder[0], noise.dtype)
-            x0_at_k = torch.zeros_like(noise)
-            for j in range(self._steps - 1):
-                t_j = torch.full((n,), ladder[j], device=noise.device, dtype=torch.float32)
-                x0_hat = self._student_x0(x, t_j, ehs, model_kwargs)
-                x0_at_k = torch.where(self._rung_index_mask(k, j + 1, noise), x0_hat, x0_at_k)
-                if j + 1 < self._steps - 1:
-                    if self.config.student_sample_type == "ode":
-                        step_noise = x0_to_eps(x0_hat, x, t_j)
-                    else:
-                        step_noise = torch.randn_like(noise)
-                    t_next = torch.full_like(t_j, ladder[j + 1])
-                    x = add_noise(x0_hat, step_noise, t_next)
+            if stratified:
+                x0_sorted = self._unroll_stratified(noise, ehs, model_kwargs, order, sorted_k)
+                x0_at_k = x0_sorted.index_select(0, position)
+            else:
+                x0_at_k = self._unroll(noise, k, ehs, model_kwargs)
             x_s = torch.where(
                 self._rung_index_mask(k, 0, noise), pure, add_noise(x0_at_k, noise, t_s)
             )
         return x_s, t_s
 
-    def _stratified_input(
-        self, latents: Tensor, noise: Tensor, ehs: Tensor | None, model_kwargs: dict[str, Any]
-    ) -> tuple[Tensor, Tensor]:
-        """``rung_sampling="stratified"``: rungs in groups whose sizes differ by at most one;
-        the backward-simulation unroll runs each call only on the rows that need it."""
-        n, steps, ladder, device = noise.shape[0], self._steps, self._t_list, noise.device
-        # Position i of a random order holds rung K-1 - (K i + r) // n with r ~ U{0..K-1}: the
-        # rung of every sample is uniform, rungs do not increase along the order, and at most
-        # rows[j] = ceil((K-1-j) n / K) positions hold a rung above j (a size fixed by n).
+    def _next_state(self, x0_hat: Tensor, x: Tensor, t_j: Tensor, t_next: float) -> Tensor:
+        """The unrolled student's sample re-noised at the next rung: with the noise that ``x``
+        implies (``ode``) or with fresh noise (``sde``)."""
+        if self.config.student_sample_type == "ode":
+            step_noise = x0_to_eps(x0_hat, x, t_j)
+        else:
+            step_noise = torch.randn_like(x0_hat)
+        return add_noise(x0_hat, step_noise, torch.full_like(t_j, t_next))
+
+    def _unroll(
+        self, noise: Tensor, k: Tensor, ehs: Tensor | None, model_kwargs: dict[str, Any]
+    ) -> Tensor:
+        """Each sample's x0 after its k-th student call (zeros at rung 0): every call on the
+        whole batch, from fresh noise (the student's own sample, independent of ``noise``)."""
+        n, ladder, wide = noise.shape[0], self._t_list, compute_dtype(noise.device)
+        x = round_once(torch.randn_like(noise, dtype=wide) * ladder[0], noise.dtype)
+        x0_at_k = torch.zeros_like(noise)
+        for j in range(self._steps - 1):
+            t_j = torch.full((n,), ladder[j], device=noise.device, dtype=torch.float32)
+            x0_hat = self._student_x0(x, t_j, ehs, model_kwargs)
+            x0_at_k = torch.where(self._rung_index_mask(k, j + 1, noise), x0_hat, x0_at_k)
+            if j + 1 < self._steps - 1:
+                x = self._next_state(x0_hat, x, t_j, ladder[j + 1])
+        return x0_at_k
+
+    def _stratified_rungs(self, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``rung_sampling="stratified"``: a random order of the samples, the rung at each
+        position (non-increasing), and each sample's position in the order.
+
+        Position i holds rung K-1 - (K i + r) // n with r ~ U{0..K-1}: every sample's rung is
+        uniform, the groups' sizes differ by at most one, and at most
+        ceil((K-1-j) n / K) positions hold a rung above j (a size fixed by n).
+        """
+        steps = self._steps
         order = torch.randperm(n, device=device)
         offset = torch.randint(0, steps, (), device=device)
         sorted_k = (steps - 1) - (steps * torch.arange(n, device=device) + offset) // n
         position = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=device))
-        t_s = _rungs_at(sorted_k.index_select(0, position), ladder, dtype=torch.float32)
-        if not self.config.backward_simulation:
-            return add_noise(latents, noise, t_s), t_s
+        return order, sorted_k, position
+
+    def _unroll_stratified(
+        self,
+        noise: Tensor,
+        ehs: Tensor | None,
+        model_kwargs: dict[str, Any],
+        order: Tensor,
+        sorted_k: Tensor,
+    ) -> Tensor:
+        """:meth:`_unroll` in the stratified order: call j + 1 runs only on the first
+        ceil((K-1-j) n / K) positions, the ones whose rung can be above j. Returns x0 by
+        position."""
+        n, steps, ladder, device = noise.shape[0], self._steps, self._t_list, noise.device
         rows = [((steps - 1 - j) * n + steps - 1) // steps for j in range(steps - 1)]
+        take = order[: rows[0]]
+        ehs_sorted = None if ehs is None else ehs.index_select(0, take)
+        kwargs_sorted, gathered = _gather_per_sample(model_kwargs, take, n)
         wide = compute_dtype(device)
-        pure = round_once(widen(noise, wide) * ladder[0], noise.dtype)
-        with torch.no_grad():
-            take = order[: rows[0]]
-            ehs_sorted = None if ehs is None else ehs.index_select(0, take)
-            kwargs_sorted, gathered = _gather_per_sample(model_kwargs, take, n)
-            size = (rows[0], *noise.shape[1:])
-            x = torch.randn(size, device=device, dtype=wide) * ladder[0]
-            x = round_once(x, noise.dtype)  # fresh noise: the student's own samples
-            x0_sorted = torch.zeros_like(noise)
-            for j in range(steps - 1):
-                m = rows[j]
-                x = x[:m]
-                t_j = torch.full((m,), ladder[j], device=device, dtype=torch.float32)
-                kwargs_j = {
-                    key: value[:m] if key in gathered else value
-                    for key, value in kwargs_sorted.items()
-                }
-                cond = None if ehs_sorted is None else ehs_sorted[:m]
-                x0_hat = self._student_x0(x, t_j, cond, kwargs_j)
-                keep = self._rung_index_mask(sorted_k[:m], j + 1, x0_hat)
-                x0_sorted = torch.cat([torch.where(keep, x0_hat, x0_sorted[:m]), x0_sorted[m:]])
-                if j + 1 < steps - 1:
-                    if self.config.student_sample_type == "ode":
-                        step_noise = x0_to_eps(x0_hat, x, t_j)
-                    else:
-                        step_noise = torch.randn_like(x0_hat)
-                    x = add_noise(x0_hat, step_noise, torch.full_like(t_j, ladder[j + 1]))
-            x0_at_k = x0_sorted.index_select(0, position)
-            k = sorted_k.index_select(0, position)
-            x_s = torch.where(
-                self._rung_index_mask(k, 0, noise), pure, add_noise(x0_at_k, noise, t_s)
-            )
-        return x_s, t_s
+        x = torch.randn((rows[0], *noise.shape[1:]), device=device, dtype=wide) * ladder[0]
+        x = round_once(x, noise.dtype)  # fresh noise: the student's own samples
+        x0_sorted = torch.zeros_like(noise)
+        for j in range(steps - 1):
+            m = rows[j]
+            x = x[:m]
+            t_j = torch.full((m,), ladder[j], device=device, dtype=torch.float32)
+            kwargs_j = {
+                key: value[:m] if key in gathered else value for key, value in kwargs_sorted.items()
+            }
+            cond = None if ehs_sorted is None else ehs_sorted[:m]
+            x0_hat = self._student_x0(x, t_j, cond, kwargs_j)
+            keep = self._rung_index_mask(sorted_k[:m], j + 1, x0_hat)
+            x0_sorted = torch.cat([torch.where(keep, x0_hat, x0_sorted[:m]), x0_sorted[m:]])
+            if j + 1 < steps - 1:
+                x = self._next_state(x0_hat, x, t_j, ladder[j + 1])
+        return x0_sorted
 
     # --- checks (shapes and types: static, so they cost nothing under compile) --------------
 
