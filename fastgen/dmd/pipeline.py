@@ -73,13 +73,18 @@ def _unwrap_output(out: Any, role: str) -> Tensor:
     )
 
 
+def _is_per_sample(value: Any, n: int) -> bool:
+    """A keyword argument with one entry per sample: a tensor whose first dim is the batch."""
+    return isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n
+
+
 def _gather_per_sample(
     kwargs: dict[str, Any], index: Tensor, n: int
 ) -> tuple[dict[str, Any], set[str]]:
     """``kwargs`` with every batch-shaped tensor (first dim ``n``) gathered at ``index``."""
     out, gathered = {}, set()
     for key, value in kwargs.items():
-        if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n:
+        if _is_per_sample(value, n):
             out[key] = value.index_select(0, index)
             gathered.add(key)
         elif isinstance(value, (list, tuple)) and len(value) == n and n > 1:
@@ -268,7 +273,7 @@ class DMDPipeline:
         both = {}
         for key, value in kwargs.items():
             other = neg_kwargs[key]
-            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n:
+            if _is_per_sample(value, n):
                 both[key] = torch.cat([value, other])
             elif value is other:
                 both[key] = value
