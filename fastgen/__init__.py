@@ -8,6 +8,7 @@ output dtype; every public callable compiles with ``fullgraph=True`` and exports
 public names of ``modelopt.torch.fastgen``.
 """
 
+from fastgen.checkpoint import CheckpointInfo, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgen.config import ParamConverterConfig, SampleTimestepConfig
 from fastgen.dmd import (
     Discriminator,
@@ -24,6 +25,7 @@ from fastgen.dmd import (
     load_config,
     load_dmd_config,
 )
+from fastgen.errors import CheckpointError
 from fastgen.flow_matching import (
     DENOM_MIN,
     add_noise,
@@ -92,4 +94,10 @@ __all__ = [
     "FeatureCapture",
     "attach_feature_capture",
     "Discriminator",
+    # checkpoints
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "CheckpointInfo",
+    "CheckpointError",
 ]

@@ -99,11 +99,16 @@ class ExponentialMovingAverage:
         model = _unwrap(model)
         self._shadow: dict[str, Tensor] = {}
         self._buffers: dict[str, Tensor] = {}
+        # local_shard shadows: the parameter's mesh, placements, global shape and stride, so a
+        # checkpoint can save each rank's shard as a DTensor (a plain tensor would be deduplicated).
+        self._layouts: dict[str, tuple] = {}
         with torch.no_grad():
             for name, p in model.named_parameters():
                 live = self._live(p)
                 dtype = _DTYPES[cfg.dtype] if cfg.dtype is not None else live.dtype
                 self._shadow[_clean(name)] = live.to(dtype=dtype, copy=True)
+                if cfg.fsdp2 and cfg.mode == "local_shard" and _is_dtensor(p):
+                    self._layouts[_clean(name)] = (p.device_mesh, p.placements, p.shape, p.stride())
             for name, b in model.named_buffers():
                 self._buffers[_clean(name)] = b.detach().clone()
         self._initialized = False
@@ -180,18 +185,56 @@ class ExponentialMovingAverage:
             if key in self._buffers:
                 b.copy_(self._buffers[key])
 
+    @property
+    def initialized(self) -> bool:
+        """Whether the shadows hold averaged weights (set by the first update or a load)."""
+        return self._initialized
+
     def state_dict(self) -> dict[str, Tensor]:
         """The shadows by parameter (and buffer) name: the tensors themselves, not copies."""
         return {**self._shadow, **self._buffers}
 
+    def sharded_state_dict(self) -> dict[str, Tensor]:
+        """:meth:`state_dict` for ``torch.distributed.checkpoint``: ``local_shard`` shadows of
+        FSDP2 parameters as DTensors over their own storage (each rank's shard, the parameter's
+        layout), every other shadow as itself. Loading into it writes into the shadows."""
+        if not self._layouts:
+            return self.state_dict()
+        from torch.distributed.tensor import DTensor
+
+        state = self.state_dict()
+        for key, (mesh, placements, shape, stride) in self._layouts.items():
+            state[key] = DTensor.from_local(
+                state[key], mesh, placements, run_check=False, shape=shape, stride=stride
+            )
+        return state
+
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore shadows saved by :meth:`state_dict`; names must match exactly."""
+    def load_state_dict(self, state: dict[str, Tensor], *, initialized: bool = True) -> None:
+        """Restore shadows saved by :meth:`state_dict` (or :meth:`sharded_state_dict`); names
+        and shapes must match exactly, and nothing is written unless they all do.
+
+        Args:
+            state: The shadows by name.
+            initialized: Whether the restored shadows hold averaged weights (the next update
+                averages into them); ``False`` makes the next update copy the live weights.
+        """
         expected = set(self._shadow) | set(self._buffers)
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise KeyError(f"EMA state mismatch: missing {missing}, unexpected {unexpected}")
+        targets = self.sharded_state_dict()
         for key, value in state.items():
+            if tuple(value.shape) != tuple(targets[key].shape):
+                raise KeyError(
+                    f"EMA state mismatch: {key!r} has shape {tuple(value.shape)}, the shadow "
+                    f"{tuple(targets[key].shape)}"
+                )
+        for key, value in state.items():
+            if value is targets[key] or value is self._shadow.get(key):
+                continue  # loaded in place already (torch.distributed.checkpoint)
             target = self._shadow.get(key, self._buffers.get(key))
+            if _is_dtensor(value):
+                value = value.to_local()
             target.copy_(value)
-        self._initialized = True
+        self._initialized = initialized

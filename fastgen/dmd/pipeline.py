@@ -43,6 +43,8 @@ from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.ema import ExponentialMovingAverage
 from fastgen.dmd.factory import is_sharded
 from fastgen.dmd.guidance import check_scale, classifier_free_guidance
+from fastgen.dmd.state import check_state, load_network_state, network_state
+from fastgen.errors import CheckpointError
 from fastgen.flow_matching import _check_pair, add_noise, convert_prediction, x0_to_eps
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
 from fastgen.precision import compute_dtype, widen
@@ -656,3 +658,74 @@ class DMDPipeline:
             return
         self._iteration = self._iteration + 1 if iteration is None else iteration
         self._ema.update(self.student, iteration=self._iteration)
+
+    # --- state (checkpoints) --------------------------------------------------------------
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks the pipeline trains, by name: ``student``, ``fake_score`` and, when
+        set, ``discriminator`` (the teacher is frozen and not among them)."""
+        nets = {"student": self.student, "fake_score": self.fake_score}
+        if self.discriminator is not None:
+            nets["discriminator"] = self.discriminator
+        return nets
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the pipeline trains, as one nested dict (the teacher is not in it: it is
+        the pretrained weights, reloaded from them).
+
+        ``{"student", "fake_score", ["discriminator"], ["ema", "ema_initialized"],
+        "iteration"}``: each network's parameters and persistent buffers by name (wrappers
+        looked through; FSDP2 parameters as their DTensors), the EMA shadows
+        (:meth:`ExponentialMovingAverage.sharded_state_dict`) and the EMA update counter. The
+        tensors are the live ones, not copies: ``torch.distributed.checkpoint`` can load into
+        them in place.
+        """
+        state: dict[str, Any] = {name: network_state(net) for name, net in self.networks().items()}
+        if self._ema is not None:
+            state["ema"] = self._ema.sharded_state_dict()
+            state["ema_initialized"] = self._ema.initialized
+        state["iteration"] = self._iteration
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        """Restore :meth:`state_dict`'s output. Everything is checked before anything is written.
+
+        Args:
+            state: A dict from :meth:`state_dict` (of this pipeline or one built alike).
+            strict: Every network's keys must match exactly (otherwise missing and unexpected
+                keys are skipped); shapes must match either way.
+
+        Raises:
+            CheckpointError: A network's keys or shapes do not match (the message names the
+                network and the key), or the state holds a discriminator or an EMA the pipeline
+                lacks, or lacks one it has.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        nets = self.networks()
+        for name, has in (("discriminator", self.discriminator), ("ema", self._ema)):
+            if name in state and has is None:
+                raise CheckpointError(
+                    f"the state holds a {name} but this pipeline has none "
+                    f"({'discriminator=' if name == 'discriminator' else 'config.ema'} not set)"
+                )
+            if name not in state and has is not None:
+                raise CheckpointError(f"this pipeline has a {name} but the state holds none")
+        known = {*nets, "iteration", *(("ema", "ema_initialized") if self._ema else ())}
+        unknown = sorted(set(state) - known)
+        if unknown:
+            raise CheckpointError(f"unexpected sections {unknown} in the pipeline state")
+        for name in nets:
+            if name not in state:
+                raise CheckpointError(f"the state holds no {name}")
+        for name, net in nets.items():
+            check_state(name, network_state(net), state[name], strict=strict)
+        if self._ema is not None:
+            check_state("ema", self._ema.sharded_state_dict(), state["ema"], strict=True)
+        for name, net in nets.items():
+            load_network_state(net, state[name], strict=strict)
+        if self._ema is not None:
+            self._ema.load_state_dict(
+                state["ema"], initialized=bool(state.get("ema_initialized", True))
+            )
+        self._iteration = int(state.get("iteration", 0))
