@@ -42,6 +42,7 @@ from fastgen.flow_matching import (
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
 from fastgen.modules import ParamConverter, RFForward, TimestepSampler
 from fastgen.precision import get_precision, set_precision, use_precision
+from fastgen.sampling import sample
 from fastgen.timesteps import make_t_list, resolution_shift, sample_from_t_list, sample_timesteps
 
 __version__ = "0.1.0"
@@ -94,6 +95,8 @@ __all__ = [
     "FeatureCapture",
     "attach_feature_capture",
     "Discriminator",
+    # the few-step sampler
+    "sample",
     # checkpoints
     "save_checkpoint",
     "load_checkpoint",

@@ -50,7 +50,7 @@ from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_l
 from fastgen.precision import compute_dtype, widen
 from fastgen.timesteps import _rungs_at, sample_from_t_list, sample_timesteps
 
-__all__ = ["DMDPipeline"]
+__all__ = ["DMDPipeline", "unwrap_output"]
 
 # The keyword arguments the pipeline itself passes to every network.
 _RESERVED = ("hidden_states", "timestep", "encoder_hidden_states")
@@ -60,7 +60,7 @@ def _flow_name(pred_type: str) -> str:
     return "flow" if pred_type == "v" else pred_type
 
 
-def _unwrap_output(out: Any, role: str) -> Tensor:
+def unwrap_output(out: Any, role: str) -> Tensor:
     """A diffusers-style output: a tensor, a tuple (first element), or ``.sample``."""
     if isinstance(out, Tensor):
         return out
@@ -237,7 +237,7 @@ class DMDPipeline:
         kwargs["timestep"] = self._timestep(t, x_t)
         if encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = encoder_hidden_states
-        raw = _unwrap_output(model(**kwargs), role)
+        raw = unwrap_output(model(**kwargs), role)
         _check_pair(f"{role} output", raw, "hidden_states", x_t)
         return raw
 

@@ -1,0 +1,252 @@
+"""The run config of ``fastgen distill``: a frozen pydantic model, loaded from YAML, with
+``--set key.sub=value`` overrides. Unknown keys and bad values are ``ValidationError``s that name
+the field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fastgen.dmd.config import DMDConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "LogConfig",
+    "OptimizerConfig",
+    "OptimConfig",
+    "RunConfig",
+    "ValidationConfig",
+    "apply_overrides",
+    "load_run_config",
+]
+
+_FROZEN = ConfigDict(
+    frozen=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True
+)
+
+
+class OptimizerConfig(BaseModel):
+    """AdamW for one network."""
+
+    model_config = _FROZEN
+
+    lr: float = Field(1e-5, gt=0.0)
+    """Peak learning rate (after warmup)."""
+
+    betas: tuple[float, float] = (0.0, 0.999)
+    """Adam's betas; DMD2 uses beta1 = 0 for the generator and the fake score."""
+
+    weight_decay: float = Field(0.0, ge=0.0)
+    """Decoupled weight decay."""
+
+    eps: float = Field(1e-8, gt=0.0)
+    """Adam's epsilon."""
+
+
+class OptimConfig(BaseModel):
+    """Optimizers, learning-rate schedule and gradient clipping of the three trained networks."""
+
+    model_config = _FROZEN
+
+    student: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """The student's optimizer."""
+
+    fake_score: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """The fake score's optimizer."""
+
+    discriminator: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """The discriminator's optimizer (GAN branch only)."""
+
+    warmup: int = Field(0, ge=0)
+    """Linear warmup of every learning rate over this many iterations."""
+
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to ``min_lr_ratio`` times the peak at ``steps``."""
+
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """The cosine schedule's final learning rate, as a fraction of the peak."""
+
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Clip each network's gradient norm to this (``None``: no clipping, norms still logged)."""
+
+
+class CheckpointConfig(BaseModel):
+    """When to save, and how many checkpoints to keep."""
+
+    model_config = _FROZEN
+
+    every: int = Field(500, ge=1)
+    """Save every this many iterations (and at the end)."""
+
+    keep: int | None = Field(3, ge=1)
+    """Keep the newest this many checkpoints (``None``: keep all)."""
+
+
+class LogConfig(BaseModel):
+    """What is logged, and how often."""
+
+    model_config = _FROZEN
+
+    every: int = Field(10, ge=1)
+    """Log scalars every this many iterations (each read is one host sync)."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``out/tensorboard``."""
+
+    wandb: bool = False
+    """Also log to Weights & Biases (needs ``wandb`` installed)."""
+
+    wandb_project: str = "fastgen"
+    """The W&B project."""
+
+    progress: bool = True
+    """A tqdm progress bar on rank 0."""
+
+
+class ValidationConfig(BaseModel):
+    """Samples of the EMA student from fixed noise and conditions."""
+
+    model_config = _FROZEN
+
+    every: int | None = Field(None, ge=1)
+    """Sample every this many iterations (and at the end); ``None`` disables validation."""
+
+    samples: int = Field(8, ge=1)
+    """How many samples (from the first batches of the data, drawn once)."""
+
+
+class RunConfig(BaseModel):
+    """One distillation run: the recipe, the optimization, the loop and its outputs.
+
+    Example:
+        >>> run = RunConfig(recipe="dmd2_wan21", dmd={"guidance_scale": 2.0}, steps=10, out="run")
+        >>> run.dmd_config().guidance_scale, run.dmd_config().student_sample_steps
+        (2.0, 4)
+    """
+
+    model_config = _FROZEN
+
+    out: str
+    """The run folder: checkpoints, logs, samples, the resolved config. Rerunning with the same
+    ``out`` resumes."""
+
+    steps: int = Field(ge=1)
+    """Student updates (iterations). Each iteration is ``student_update_freq`` fake-score (and
+    discriminator) updates, then one student update and one EMA update."""
+
+    recipe: str | None = None
+    """A built-in recipe name or a YAML/JSON path (:func:`fastgen.load_dmd_config`)."""
+
+    dmd: dict[str, Any] = Field(default_factory=dict)
+    """:class:`~fastgen.DMDConfig` fields that override the recipe's."""
+
+    model: str | None = None
+    """The networks, as ``"module:function"``: ``function(run)`` returns a dict with
+    ``teacher`` and optionally ``student``, ``fake_score``, ``discriminator`` (CLI)."""
+
+    data: str | None = None
+    """The data, as ``"module:function"``: ``function(run, rank, world)`` returns a callable
+    that gives one batch dict per call (CLI)."""
+
+    seed: int = 0
+    """Seeds the networks' construction (every rank the same) and, offset by the rank, the
+    data and noise."""
+
+    compile: bool = False
+    """Each loss through ``torch.compile`` (``fullgraph=True`` except under DDP)."""
+
+    parallel: Literal["none", "ddp", "fsdp2"] = "none"
+    """Under torchrun: replicate the trained networks with DDP, or shard student, fake score and
+    teacher with FSDP2 (the discriminator stays replicated)."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: autocast (DDP, one process) or FSDP2's mixed-precision policy (bf16 parameters,
+    fp32 gradient reduction); weights and optimizer state stay float32."""
+
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizers, schedule, clipping."""
+
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+
+    log: LogConfig = Field(default_factory=LogConfig)
+    """Logs."""
+
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    """Validation samples."""
+
+    def dmd_config(self) -> DMDConfig:
+        """The recipe with ``dmd`` overrides, validated (errors name the field)."""
+        from fastgen.dmd.recipes import load_config
+
+        fields = dict(load_config(self.recipe)) if self.recipe is not None else {}
+        fields.update(self.dmd)
+        return DMDConfig.model_validate(fields)
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    if text == "":
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    return value
+
+
+def apply_overrides(fields: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``fields`` with each ``key.sub=value`` set (the value read as YAML: ``3``, ``1e-4``,
+    ``true``, ``[0.9, 0.99]``, ``null``).
+
+    Example:
+        >>> apply_overrides({"optim": {"warmup": 0}}, ["optim.warmup=10", "dmd.guidance_scale=3"])
+        {'optim': {'warmup': 10}, 'dmd': {'guidance_scale': 3}}
+
+    Raises:
+        ValueError: An override without ``=`` or with an empty key.
+    """
+    out = _copy(fields)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"--set {item!r}: expected key.sub=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _copy(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in fields.items()}
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a run config YAML file and apply ``--set`` overrides.
+
+    Raises:
+        FileNotFoundError: No such file (the message names it).
+        ValueError: The file does not hold a mapping; a malformed override.
+        pydantic.ValidationError: An unknown key or a bad value.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no run config file {str(path)!r}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"run config {path} must hold a mapping, got {type(data).__name__}")
+    return RunConfig.model_validate(apply_overrides(data, list(overrides)))

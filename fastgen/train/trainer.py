@@ -1,0 +1,461 @@
+"""The DMD2 loop above :class:`~fastgen.DMDPipeline`: alternation, optimizers, EMA, clipping,
+schedules, compile, bf16, DDP/FSDP2, checkpoints and resume, logs and validation samples.
+
+The caller's networks and the pipeline stay plain objects; the trainer owns only the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastgen.dmd.config import DMDConfig
+from fastgen.dmd.factory import create_fake_score
+from fastgen.dmd.pipeline import DMDPipeline
+from fastgen.sampling import sample
+from fastgen.train.config import RunConfig
+from fastgen.train.images import image_grid, write_png
+
+__all__ = ["NonFiniteLossError", "Trainer"]
+
+Batch = dict[str, Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the loss and the iteration."""
+
+
+def _blocks(net: nn.Module) -> list[nn.Module]:
+    """The elements of the outermost ``ModuleList``s (transformer blocks): FSDP2's units."""
+    found, lists = [], []
+    for name, module in net.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(p + ".") for p in lists):
+            lists.append(name)
+            found.extend(module)
+    return found
+
+
+def _lr_lambda(run: RunConfig) -> Callable[[int], float]:
+    warmup, steps, opt = run.optim.warmup, run.steps, run.optim
+
+    def factor(i: int) -> float:  # i: scheduler steps taken (iterations done)
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        if opt.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (i - warmup) / max(1, steps - warmup))
+        return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """Runs DMD2 for ``run.steps`` iterations and saves, resumes, logs and samples as it goes.
+
+    One iteration: ``dmd.student_update_freq`` fake-score updates (each followed by a
+    discriminator update with the GAN branch), one student update, one EMA update, one LR
+    scheduler step. Batches come from ``data()``, a dict with ``latents`` (required),
+    ``encoder_hidden_states``, keys starting with ``negative_`` for the unconditional teacher
+    call (``negative_encoder_hidden_states`` and ``negative_<kwarg>``), and every other key
+    passed to the networks as a keyword argument. The student's input noise is drawn here. A
+    ``data`` object with ``state_dict()``/``load_state_dict()`` has its position checkpointed.
+
+    Args:
+        run: The run config.
+        teacher: The pretrained network (frozen here).
+        data: ``() -> batch dict``, this rank's data.
+        student: Initial student (default: a copy of the teacher).
+        fake_score: Initial fake score (default: a copy of the teacher).
+        discriminator: Required with the GAN branch (and a feature capture on the teacher).
+        dmd: The DMD2 config (default: ``run.dmd_config()``).
+    """
+
+    def __init__(
+        self,
+        run: RunConfig,
+        *,
+        teacher: nn.Module,
+        data: Callable[[], Batch],
+        student: nn.Module | None = None,
+        fake_score: nn.Module | None = None,
+        discriminator: nn.Module | None = None,
+        dmd: DMDConfig | None = None,
+    ) -> None:
+        if not isinstance(run, RunConfig):
+            raise TypeError(f"run must be a RunConfig, got {type(run).__name__}")
+        if not callable(data):
+            raise TypeError(
+                f"data must be a callable returning a batch dict, got {type(data).__name__}"
+            )
+        self.run = run
+        self.dmd = run.dmd_config() if dmd is None else dmd
+        self.data = data
+        self.out = Path(run.out)
+        self._setup_distributed()
+        device = self.device
+        student = copy.deepcopy(teacher) if student is None else student
+        fake_score = create_fake_score(teacher) if fake_score is None else fake_score
+        student.requires_grad_(True).train()
+        self._plain_student = student
+        # A plain copy for validation samples of the EMA (made before any wrapping).
+        self._ema_net = copy.deepcopy(student).requires_grad_(False).eval().to(device)
+        nets = [teacher.to(device), student.to(device), fake_score.to(device)]
+        if discriminator is not None:
+            discriminator.to(device)
+        self._params = {"student": list(student.parameters()),
+                        "fake_score": list(fake_score.parameters())}  # fmt: skip
+        if discriminator is not None:
+            self._params["discriminator"] = list(discriminator.parameters())
+        if run.parallel == "fsdp2":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if run.precision == "bf16" else MixedPrecisionPolicy())  # fmt: skip
+            for net in nets:
+                for block in _blocks(net):
+                    fully_shard(block, mp_policy=mp)
+                fully_shard(net, mp_policy=mp)
+            # the sharded parameters are new objects
+            self._params["student"] = list(student.parameters())
+            self._params["fake_score"] = list(fake_score.parameters())
+        wrap = self._ddp if run.parallel == "ddp" else (lambda m: m)
+        disc = None
+        if discriminator is not None:
+            disc = self._ddp(discriminator) if run.parallel != "none" else discriminator
+        self.pipeline = DMDPipeline(wrap(student), teacher, wrap(fake_score), self.dmd,
+                                    discriminator=disc)  # fmt: skip
+        self.optimizers = {}
+        for name, params in self._params.items():
+            o = getattr(run.optim, name)
+            self.optimizers[name] = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
+                                                      weight_decay=o.weight_decay)  # fmt: skip
+        lam = _lr_lambda(run)
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lam)
+                           for name, opt in self.optimizers.items()}  # fmt: skip
+        pipe = self.pipeline
+        self.losses = {"student": pipe.compute_student_loss,
+                       "fake_score": pipe.compute_fake_score_loss,
+                       "discriminator": pipe.compute_discriminator_loss}  # fmt: skip
+        if run.compile:
+            # DDP's own forward cannot be traced whole: graph breaks around it there.
+            full = run.parallel != "ddp"
+            self.losses = {k: torch.compile(f, fullgraph=full) for k, f in self.losses.items()}
+        self._bad: dict[str, Tensor] = {}
+        self._last: dict[str, dict[str, Tensor]] = {}
+        self._norms: dict[str, Tensor] = {}
+        self._writer = None
+        self._wandb = None
+        self._seen_batch = 0
+        self._lrs: dict[str, float] = {}
+        self._validation: tuple[Tensor, Batch] | None = None
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _setup_distributed(self) -> None:
+        world_env = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available()
+        if self.run.parallel == "none":
+            if world_env > 1:
+                raise ValueError(
+                    f"running on {world_env} processes with parallel: none; set parallel: ddp "
+                    "or parallel: fsdp2 in the run config"
+                )
+            self.rank, self.world = 0, 1
+            self.device = torch.device("cuda" if cuda else "cpu")
+            return
+        if not dist.is_initialized():
+            if "WORLD_SIZE" not in os.environ:
+                raise ValueError(
+                    f"parallel: {self.run.parallel} runs under torchrun "
+                    "(torchrun --nproc_per_node=N ...)"
+                )
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if cuda:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+
+    def _ddp(self, net: nn.Module) -> nn.Module:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0 (the one that logs and samples)."""
+        return self.rank == 0
+
+    # --- one update -----------------------------------------------------------------------
+
+    def _batch(self) -> tuple[Tensor, Tensor | None, dict, dict]:
+        batch = self.data()
+        if not isinstance(batch, dict) or "latents" not in batch:
+            raise ValueError("data() must return a dict with 'latents' (and conditioning keys)")
+        moved = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        latents = moved.pop("latents")
+        ehs = moved.pop("encoder_hidden_states", None)
+        negative = {k[len("negative_"):]: moved.pop(k) for k in list(moved) if k.startswith("negative_")}  # fmt: skip
+        return latents, ehs, moved, negative
+
+    def _autocast(self):
+        if self.run.precision == "bf16" and self.run.parallel != "fsdp2":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _update(self, name: str, iteration: int) -> None:
+        latents, ehs, kwargs, negative = self._batch()
+        noise = torch.randn_like(latents)
+        self._seen_batch = latents.shape[0]
+        extra = {}
+        if name == "student" and negative:
+            neg_ehs = negative.pop("encoder_hidden_states", None)
+            if neg_ehs is not None:
+                extra["negative_encoder_hidden_states"] = neg_ehs
+            if negative:
+                extra["negative_model_kwargs"] = negative
+        with self._autocast():
+            out = self.losses[name](latents, noise, ehs, **extra, **kwargs)
+        loss = out["total"]
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.run.optim.grad_clip
+        self._norms[name] = torch.nn.utils.clip_grad_norm_(
+            self._params[name], clip if clip is not None else float("inf")
+        )
+        opt.step()
+        self._last[name] = {k: v.detach() for k, v in out.items()}
+        # The first non-finite iteration, kept on the device (read at log and save time only).
+        bad = self._bad.get(name)
+        if bad is None:
+            bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        self._bad[name] = torch.where(
+            (bad < 0) & ~torch.isfinite(loss.detach().float()), iteration, bad
+        )
+
+    def _check_finite(self) -> None:
+        for name, bad in self._bad.items():
+            step = int(bad)
+            if step >= 0:
+                last = latest_checkpoint(self.out / "checkpoints")
+                raise NonFiniteLossError(
+                    f"the {name} loss is not finite (NaN or inf) at iteration {step}; stopped "
+                    f"without saving. The latest checkpoint is {last or 'none'}"
+                )
+
+    # --- outputs --------------------------------------------------------------------------
+
+    def _log(self, done: int, seconds_per_it: float) -> dict[str, float]:
+        scalars = {}
+        for name, out in self._last.items():
+            for key, value in out.items():
+                scalars[f"loss/{name}/{key}"] = float(value)
+        for name, norm in self._norms.items():
+            scalars[f"grad_norm/{name}"] = float(
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )
+        for name, lr in self._lrs.items():
+            scalars[f"lr/{name}"] = lr
+        batch = self._seen_batch
+        updates = self.dmd.student_update_freq * (2 if "discriminator" in self._params else 1) + 1
+        scalars["time/seconds_per_iteration"] = seconds_per_it
+        scalars["time/samples_per_second"] = (
+            batch * updates * self.world / max(seconds_per_it, 1e-12)
+        )
+        if self.device.type == "cuda":
+            scalars["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            scalars["memory/peak_rss_gib"] = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            )
+        if self.main and self._writer is not None:
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, done)
+            self._writer.flush()
+        if self.main and self._wandb is not None:
+            self._wandb.log(scalars, step=done)
+        return scalars
+
+    def _validate(self, done: int) -> None:
+        if not self.main or self.pipeline.ema is None or self._validation is None:
+            return
+        noise, batch = self._validation
+        self.pipeline.ema.copy_to(self._ema_net)
+        t_list = self.dmd.sample_t_cfg.t_list or (self.dmd.sample_t_cfg.max_t, 0.0)
+        ladders = {1: [t_list[0], 0.0]}
+        if len(t_list) > 2:
+            ladders[len(t_list) - 1] = list(t_list)
+        kwargs = {
+            k: v for k, v in batch.items() if not k.startswith("negative_") and k != "latents"
+        }
+        ehs = kwargs.pop("encoder_hidden_states", None)
+        rows = []
+        for steps, ladder in ladders.items():
+            x = sample(self._ema_net, noise, ladder, mode=self.dmd.student_sample_type,
+                       pred_type=self.dmd.pred_type, num_train_timesteps=self.dmd.num_train_timesteps,
+                       encoder_hidden_states=ehs, **kwargs)  # fmt: skip
+            grid = image_grid(x.float().cpu())
+            rows.append(grid)
+            if self._writer is not None:
+                self._writer.add_image(f"samples/{steps}_step", grid, done)
+        folder = self.out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_png(folder / f"step_{done:08d}.png", torch.cat(rows, dim=1))
+        torch.save({f"{s}_step": r for s, r in zip(ladders, rows)}, folder / f"step_{done:08d}.pt")
+
+    def _save(self, done: int) -> Path:
+        root = self.out / "checkpoints"
+        data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        path = save_checkpoint(root / f"step_{done:08d}", pipeline=self.pipeline,
+                               optimizers=self.optimizers, schedulers=self.schedulers, step=done,
+                               extra={"data": data_state})  # fmt: skip
+        keep = self.run.checkpoint.keep
+        if self.main:
+            for stale in list(root.glob(".*.tmp")) + list(root.glob(".*.old")):
+                shutil.rmtree(stale, ignore_errors=True)  # saves killed before they published
+            done_steps = sorted(
+                p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
+            if keep is not None:
+                for old in done_steps[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _resume(self, fresh: bool) -> int:
+        root = self.out / "checkpoints"
+        if fresh and self.main and root.exists():
+            shutil.rmtree(root)
+        if self.world > 1:
+            dist.barrier()
+        last = None if fresh else latest_checkpoint(root)
+        if last is None:
+            return 0
+        info = load_checkpoint(last, pipeline=self.pipeline, optimizers=self.optimizers,
+                               schedulers=self.schedulers)  # fmt: skip
+        data_state = (info.extra or {}).get("data")
+        if data_state is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(data_state)
+        if self.main:
+            print(f"resumed from step {info.step} ({last})", flush=True)
+        return info.step
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def fit(self, *, fresh: bool = False) -> dict[str, Any]:
+        """Run (or resume) to ``run.steps`` iterations.
+
+        Args:
+            fresh: Start over: delete ``out/checkpoints`` instead of resuming from it.
+
+        Returns:
+            ``{"step", "resumed_from", "scalars"}`` (the last logged scalars).
+
+        Raises:
+            NonFiniteLossError: A loss became NaN or inf (nothing is saved after it).
+        """
+        run = self.run
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(run.seed + 1000 * self.rank)  # each rank its own data and noise
+        if self.main:
+            import yaml
+
+            (self.out / "config.yaml").write_text(
+                yaml.safe_dump(json.loads(run.model_dump_json()), sort_keys=False)
+            )
+            (self.out / "dmd.yaml").write_text(self.dmd.to_yaml())
+        if run.validation.every is not None and self.main:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(run.seed + 7)
+                batch = self.data()
+                n = min(run.validation.samples, batch["latents"].shape[0])
+                batch = {
+                    k: v[:n] if isinstance(v, Tensor) and v.ndim > 0 else v
+                    for k, v in batch.items()
+                }
+                batch = {
+                    k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()
+                }
+                noise = torch.randn_like(batch["latents"])
+            self._validation = (noise, batch)
+        start = self._resume(fresh)
+        self._writer = None
+        self._wandb = None
+        if self.main and run.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=start + 1)
+        if self.main and run.log.wandb:
+            import wandb
+
+            self._wandb = wandb.init(project=run.log.wandb_project, dir=str(self.out),
+                                     config=json.loads(run.model_dump_json()), resume="allow")  # fmt: skip
+        bar = None
+        if self.main and run.log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=run.steps, initial=start, desc="fastgen distill", dynamic_ncols=True)
+        scalars: dict[str, float] = {}
+        tick, ticked = time.perf_counter(), start
+        freq = self.dmd.student_update_freq
+        try:
+            for it in range(start, run.steps):
+                for _ in range(freq):
+                    self._update("fake_score", it + 1)
+                    if "discriminator" in self._params:
+                        self._update("discriminator", it + 1)
+                self._update("student", it + 1)
+                # the learning rates this iteration used (logged), then the next iteration's
+                self._lrs = {n: sched.get_last_lr()[0] for n, sched in self.schedulers.items()}
+                for sched in self.schedulers.values():
+                    sched.step()
+                self.pipeline.update_ema()
+                done = it + 1
+                last = done == run.steps
+                if done % run.log.every == 0 or last:
+                    self._check_finite()
+                    now = time.perf_counter()
+                    scalars = self._log(done, (now - tick) / max(1, done - ticked))
+                    tick, ticked = now, done
+                    if bar is not None:
+                        bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in scalars.items()
+                                         if k.startswith("loss/") and k.endswith("/total")}
+                                        | {"it/s": f"{1 / max(scalars['time/seconds_per_iteration'], 1e-9):.2f}"})  # fmt: skip
+                if done % run.checkpoint.every == 0 or last:
+                    self._check_finite()
+                    self._save(done)
+                if run.validation.every is not None and (done % run.validation.every == 0 or last):
+                    self._validate(done)
+                if bar is not None:
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._writer is not None:
+                self._writer.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+        return {"step": run.steps, "resumed_from": start, "scalars": scalars}
+
+    def ema_student(self) -> nn.Module:
+        """A plain copy of the student holding the EMA weights (the student's own weights when
+        the config has no EMA)."""
+        if self.pipeline.ema is not None:
+            self.pipeline.ema.copy_to(self._ema_net)
+        else:
+            self._ema_net.load_state_dict(self._plain_student.state_dict())
+        return self._ema_net
