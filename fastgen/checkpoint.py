@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastgen.dmd.pipeline import DMDPipeline
-from fastgen.dmd.state import check_state, network_state
+from fastgen.dmd.state import check_state, load_network_state, network_state
 from fastgen.errors import CheckpointError
 
 __all__ = ["CheckpointError", "CheckpointInfo", "latest_checkpoint", "load_checkpoint",
@@ -161,9 +161,26 @@ def _reshard(nets: Mapping[str, nn.Module]) -> None:
                 module.reshard()
 
 
-def _check_args(pipeline, optimizers, schedulers) -> tuple[dict, dict]:
-    if not isinstance(pipeline, DMDPipeline):
+def _networks(pipeline, modules) -> dict[str, nn.Module]:
+    """The pipeline's trained networks and the extra ``modules``, by name."""
+    if pipeline is None and not modules:
+        raise TypeError("give a pipeline= (a DMDPipeline) or modules= (a dict name -> nn.Module)")
+    if pipeline is not None and not isinstance(pipeline, DMDPipeline):
         raise TypeError(f"pipeline must be a DMDPipeline, got {type(pipeline).__name__}")
+    modules = {} if modules is None else modules
+    if not isinstance(modules, Mapping):
+        raise TypeError(f"modules must be a dict name -> nn.Module, got {type(modules).__name__}")
+    nets = {} if pipeline is None else pipeline.networks()
+    for name, module in modules.items():
+        if not isinstance(name, str) or not isinstance(module, nn.Module):
+            raise TypeError(f"modules[{name!r}] must be an nn.Module, got {type(module).__name__}")
+        if name in nets:
+            raise ValueError(f"modules[{name!r}]: the pipeline has a network of that name")
+        nets[name] = module
+    return nets
+
+
+def _check_args(optimizers, schedulers) -> tuple[dict, dict]:
     optimizers = {} if optimizers is None else optimizers
     schedulers = {} if schedulers is None else schedulers
     if not isinstance(optimizers, Mapping):
@@ -230,7 +247,8 @@ def _rng_file(rank: int) -> str:
 def save_checkpoint(
     path: str | Path,
     *,
-    pipeline: DMDPipeline,
+    pipeline: DMDPipeline | None = None,
+    modules: Mapping[str, nn.Module] | None = None,
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     schedulers: Mapping[str, Any] | None = None,
     step: int,
@@ -245,7 +263,9 @@ def save_checkpoint(
     Args:
         path: The checkpoint directory to create (its parent is created if needed).
         pipeline: The DMD2 pipeline (student, fake score, discriminator, EMA; not the teacher).
-        optimizers: Name -> optimizer; each updates parameters of one pipeline network.
+        modules: Other networks to save by name (for example a teacher being pretrained);
+            ``pipeline``, ``modules`` or both.
+        optimizers: Name -> optimizer; each updates parameters of one network.
         schedulers: Name -> LR scheduler.
         step: The run's step count (an int >= 0), returned on load.
         extra: JSON-serialisable data returned on load (for example the data position).
@@ -258,7 +278,9 @@ def save_checkpoint(
         ValueError: An optimizer updates parameters of no single pipeline network.
         CheckpointError: A scheduler's state is not JSON data.
     """
-    optimizers, schedulers = _check_args(pipeline, optimizers, schedulers)
+    optimizers, schedulers = _check_args(optimizers, schedulers)
+    nets = _networks(pipeline, modules)
+    modules = dict(modules or {})
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -267,7 +289,6 @@ def save_checkpoint(
         extra_json = json.loads(json.dumps(extra))
     except (TypeError, ValueError) as err:
         raise TypeError(f"extra must be JSON data (dicts, lists, str, numbers): {err}") from None
-    nets = pipeline.networks()
     _reshard(nets)
     owners = {name: _owner(name, opt, nets) for name, opt in optimizers.items()}
     sched_states = {}
@@ -291,10 +312,12 @@ def save_checkpoint(
         (tmp / "rng").mkdir(parents=True)
     _barrier()
 
-    state = {
-        "pipeline": pipeline.state_dict(),
+    state: dict[str, Any] = {
         "optimizers": {name: _optimizer_state(nets[owners[name]], opt) for name, opt in optimizers.items()},
+        "modules": {name: network_state(module) for name, module in modules.items()},
     }  # fmt: skip
+    if pipeline is not None:
+        state["pipeline"] = pipeline.state_dict()
     with _dcp_quiet():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
     buffer = io.BytesIO()
@@ -309,12 +332,15 @@ def save_checkpoint(
             "step": step,
             "extra": extra_json,
             "world_size": world,
-            "sections": sorted(k for k in state["pipeline"] if k in (*nets, "ema")),
+            "pipeline": pipeline is not None,
+            "sections": sorted(k for k in state.get("pipeline", {}) if k in (*nets, "ema")),
+            "modules": sorted(modules),
             "optimizers": {name: {"network": owners[name]} for name in optimizers},
             "schedulers": sched_states,
         }
         _write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-        _write(tmp / "config.yaml", pipeline.config.to_yaml().encode())
+        if pipeline is not None:
+            _write(tmp / "config.yaml", pipeline.config.to_yaml().encode())
     _barrier()
 
     # Every rank hashes its share of the files; rank 0 writes the manifest last.
@@ -434,7 +460,8 @@ def _check_optimizer(name: str, net: nn.Module, saved: Mapping[str, Any], file: 
 def load_checkpoint(
     path: str | Path,
     *,
-    pipeline: DMDPipeline,
+    pipeline: DMDPipeline | None = None,
+    modules: Mapping[str, nn.Module] | None = None,
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     schedulers: Mapping[str, Any] | None = None,
 ) -> CheckpointInfo:
@@ -449,6 +476,7 @@ def load_checkpoint(
     Args:
         path: A checkpoint directory (for example :func:`latest_checkpoint`'s answer).
         pipeline: The pipeline to restore, built as for the saved run (the teacher loaded).
+        modules: The other networks saved, by the same names.
         optimizers: Name -> optimizer, each one of those saved.
         schedulers: Name -> LR scheduler, each one of those saved.
 
@@ -461,7 +489,9 @@ def load_checkpoint(
             checkpoint and not in the pipeline or the other way round, an optimizer or
             scheduler name the checkpoint does not have. Nothing live is changed.
     """
-    optimizers, schedulers = _check_args(pipeline, optimizers, schedulers)
+    optimizers, schedulers = _check_args(optimizers, schedulers)
+    nets = _networks(pipeline, modules)
+    modules = dict(modules or {})
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
@@ -479,17 +509,27 @@ def load_checkpoint(
     rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
 
     # Everything checked before anything live is written.
-    nets = pipeline.networks()
     _reshard(nets)
+    if bool(meta.get("pipeline", True)) != (pipeline is not None):
+        raise CheckpointError(
+            f"{path} holds {'a' if meta.get('pipeline', True) else 'no'} DMD2 pipeline state "
+            f"but pipeline= is {'not ' if pipeline is None else ''}given"
+        )
+    if sorted(meta.get("modules", [])) != sorted(modules):
+        raise CheckpointError(
+            f"{path} holds the modules {sorted(meta.get('modules', []))}, given {sorted(modules)}"
+        )
     sections = set(meta["sections"])
-    for name, has in (("discriminator", pipeline.discriminator), ("ema", pipeline.ema)):
-        if name in sections and has is None:
-            raise CheckpointError(f"{path} holds a {name} but the pipeline has none")
-        if name not in sections and has is not None:
-            raise CheckpointError(f"the pipeline has a {name} but {path} holds none")
+    if pipeline is not None:
+        for name, has in (("discriminator", pipeline.discriminator), ("ema", pipeline.ema)):
+            if name in sections and has is None:
+                raise CheckpointError(f"{path} holds a {name} but the pipeline has none")
+            if name not in sections and has is not None:
+                raise CheckpointError(f"the pipeline has a {name} but {path} holds none")
     for name, net in nets.items():
-        check_state(f"{path}: {name}", network_state(net), _saved(metadata, f"pipeline.{name}."))
-    if pipeline.ema is not None:
+        prefix = f"modules.{name}." if name in modules else f"pipeline.{name}."
+        check_state(f"{path}: {name}", network_state(net), _saved(metadata, prefix))
+    if pipeline is not None and pipeline.ema is not None:
         check_state(
             f"{path}: ema", pipeline.ema.sharded_state_dict(), _saved(metadata, "pipeline.ema.")
         )
@@ -521,25 +561,40 @@ def load_checkpoint(
             flat = {k for k in metadata if k.startswith(f"optimizers.{name}.state.")}
             want = {f"optimizers.{name}.state.{fqn}.{key}"
                     for fqn, st in template_opts[name]["state"].items() for key in st}  # fmt: skip
-            if flat != want:
-                extra_keys = sorted(flat - want)[:3] or sorted(want - flat)[:3]
+            # Parameters that never had a gradient have no saved state: none is loaded for them.
+            if not flat <= want:
+                extra_keys = sorted(flat - want)[:3]
                 raise CheckpointError(
                     f"{path}: optimizers[{name!r}] does not match the saved optimizer state "
-                    f"(first differing keys {extra_keys}): another optimizer class?"
+                    f"(keys {extra_keys} are not in it): another optimizer class?"
                 )
+            states = template_opts[name]["state"]
+            for fqn in list(states):
+                if not any(f"optimizers.{name}.state.{fqn}.{key}" in flat for key in states[fqn]):
+                    del states[fqn]
     except CheckpointError:
         for opt in fresh:
             opt.state.clear()
         raise
 
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    state = {"pipeline": pipeline.state_dict(), "optimizers": template_opts}
+    state: dict[str, Any] = {
+        "optimizers": template_opts,
+        "modules": {name: network_state(module) for name, module in modules.items()},
+    }
+    if pipeline is not None:
+        state["pipeline"] = pipeline.state_dict()
     with _dcp_quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
-    pipeline.load_state_dict(state["pipeline"])
+    if pipeline is not None:
+        pipeline.load_state_dict(state["pipeline"])
+    for name, module in modules.items():
+        load_network_state(module, state["modules"][name])
     for name, opt in optimizers.items():
-        set_optimizer_state_dict(nets[_owner(name, opt, nets)], opt, state["optimizers"][name])
+        # strict=False: parameters that never had a gradient have no state to load
+        set_optimizer_state_dict(nets[_owner(name, opt, nets)], opt, state["optimizers"][name],
+                                 options=StateDictOptions(strict=False))  # fmt: skip
     for name, sched in schedulers.items():
         sched.load_state_dict(meta["schedulers"][name])
     if rng is not None:

@@ -390,3 +390,33 @@ def test_pipeline_state_dict_round_trip_and_strictness():
         b.pipe.load_state_dict(wrong, strict=False)
     with pytest.raises(CheckpointError, match="unexpected sections"):
         b.pipe.load_state_dict(dict(state, teacher={}))
+
+
+def test_modules_without_a_pipeline(tmp_path):
+    torch.manual_seed(0)
+    net, other = ToyDiT(dim=16), ToyDiT(dim=16)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 4, 8, 8), torch.rand(2)).sample.square().mean().backward()
+    opt.step()
+    path = save_checkpoint(
+        tmp_path / "t", modules={"teacher": net}, optimizers={"teacher": opt}, step=3
+    )
+    other_opt = torch.optim.Adam(other.parameters(), lr=1e-3)
+    info = load_checkpoint(path, modules={"teacher": other}, optimizers={"teacher": other_opt})
+    # parameters without a gradient (the unused context layer) have no state, as in the saved run
+    assert len(other_opt.state) == len(opt.state) < len(list(net.parameters()))
+    assert info.step == 3
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values())
+    )
+    assert torch.equal(
+        other_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
+    with pytest.raises(CheckpointError, match=r"holds the modules \['teacher'\], given \['net'\]"):
+        load_checkpoint(path, modules={"net": other})
+    with pytest.raises(
+        CheckpointError, match="holds no DMD2 pipeline state but pipeline= is given"
+    ):
+        load_checkpoint(path, pipeline=build(0).pipe, modules={"teacher": other})
+    with pytest.raises(TypeError, match=r"give a pipeline= .* or modules="):
+        save_checkpoint(tmp_path / "x", step=0)
