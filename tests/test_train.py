@@ -33,7 +33,7 @@ def run_config(out, **kw) -> RunConfig:
         "recipe": "dmd2_wan21",  # CFG 5, 4-step student on its ladder
         "dmd": {"gan_loss_weight_gen": 0.0, "ema": {"decay": 0.9}, "student_update_freq": 2,
                 "backward_simulation": True},
-        "optim": {"warmup": 2, "schedule": "cosine", "student": {"lr": 1e-3},
+        "optim": {"warmup": 2, "student": {"lr": 1e-3, "schedule": "cosine"},
                   "fake_score": {"lr": 2e-3}},
         "checkpoint": {"every": 2, "keep": 2},
         "log": {"every": 1, "progress": False},
@@ -245,3 +245,13 @@ def test_cli_sigkill_twice_then_resume_equals_the_straight_run(tmp_path):
     assert "resumed from step" in out
     assert differences(final_state(tmp_path / "straight"), final_state(killed_out)) == []
     assert seen[0] < seen[1]
+
+
+def test_readme_run_config_is_valid():
+    import re
+
+    readme = (TESTS.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "recipe:" in b]
+    run = RunConfig.model_validate(yaml.safe_load(block))
+    assert run.dmd_config().guidance_scale == 4.0
+    assert run.optim.student.schedule == "cosine"

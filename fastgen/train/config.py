@@ -45,6 +45,13 @@ class OptimizerConfig(BaseModel):
     eps: float = Field(1e-8, gt=0.0)
     """Adam's epsilon."""
 
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After the warmup: constant, or cosine decay to ``min_lr_ratio`` times ``lr`` at
+    ``steps``."""
+
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """The cosine schedule's final learning rate, as a fraction of ``lr``."""
+
 
 class OptimConfig(BaseModel):
     """Optimizers, learning-rate schedule and gradient clipping of the three trained networks."""
@@ -62,12 +69,6 @@ class OptimConfig(BaseModel):
 
     warmup: int = Field(0, ge=0)
     """Linear warmup of every learning rate over this many iterations."""
-
-    schedule: Literal["constant", "cosine"] = "constant"
-    """After warmup: constant, or cosine decay to ``min_lr_ratio`` times the peak at ``steps``."""
-
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    """The cosine schedule's final learning rate, as a fraction of the peak."""
 
     grad_clip: float | None = Field(1.0, gt=0.0)
     """Clip each network's gradient norm to this (``None``: no clipping, norms still logged)."""

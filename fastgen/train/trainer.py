@@ -27,7 +27,7 @@ from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.factory import create_fake_score
 from fastgen.dmd.pipeline import DMDPipeline
 from fastgen.sampling import sample
-from fastgen.train.config import RunConfig
+from fastgen.train.config import OptimizerConfig, RunConfig
 from fastgen.train.images import image_grid, write_png
 
 __all__ = ["NonFiniteLossError", "Trainer"]
@@ -49,8 +49,8 @@ def _blocks(net: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _lr_lambda(run: RunConfig) -> Callable[[int], float]:
-    warmup, steps, opt = run.optim.warmup, run.steps, run.optim
+def _lr_lambda(run: RunConfig, opt: OptimizerConfig) -> Callable[[int], float]:
+    warmup, steps = run.optim.warmup, run.steps
 
     def factor(i: int) -> float:  # i: scheduler steps taken (iterations done)
         if warmup and i < warmup:
@@ -143,9 +143,10 @@ class Trainer:
             o = getattr(run.optim, name)
             self.optimizers[name] = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
                                                       weight_decay=o.weight_decay)  # fmt: skip
-        lam = _lr_lambda(run)
-        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lam)
-                           for name, opt in self.optimizers.items()}  # fmt: skip
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(run, getattr(run.optim, name)))
+            for name, opt in self.optimizers.items()
+        }
         pipe = self.pipeline
         self.losses = {"student": pipe.compute_student_loss,
                        "fake_score": pipe.compute_fake_score_loss,
