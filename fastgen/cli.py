@@ -67,7 +67,7 @@ def _distill(args: argparse.Namespace) -> int:
     if run.data is None:
         raise UsageError(f"{args.config}: data: required ('module:function' giving batches)")
     build, make_data = _import(run.model, "model"), _import(run.data, "data")
-    torch.manual_seed(run.seed)  # the same initial weights on every rank
+    torch.manual_seed(run.seed or 0)  # the same initial weights on every rank
     nets = build(run)
     if not isinstance(nets, dict) or "teacher" not in nets:
         raise UsageError("model: the function must return a dict with 'teacher'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -81,12 +82,12 @@ def test_samplers_follow_the_exact_flow_of_a_point_mass():
     )
 
 
-def test_distill_with_gan_trains_the_discriminator_and_leaves_the_teacher_unhooked():
+def test_distill_with_gan_trains_the_discriminator_and_leaves_the_teacher_unhooked(tmp_path):
     from fastgen.demo.networks import RingDiscriminator, VelocityMLP
     from fastgen.dmd.capture import feature_capture_of
 
     torch.manual_seed(0)
-    rt = train.Runtime(torch.device("cpu"), 0, 1, compiled=False)
+    rt = train.Runtime(torch.device("cpu"), 0, 1, compiled=False, out=tmp_path)
     teacher = VelocityMLP(width=16).requires_grad_(False).eval()
     made = []
 
@@ -108,6 +109,9 @@ def test_distill_with_gan_trains_the_discriminator_and_leaves_the_teacher_unhook
     after = list(made[0].parameters())
     assert all(not torch.equal(a, b) for a, b in zip(after, before))
     assert not any(p.requires_grad for p in student.parameters())
+    # the stage ran through the trainer: its run folder holds its checkpoint and logs
+    assert (tmp_path / "student_t" / "checkpoints" / "step_00000002" / "manifest.json").is_file()
+    assert list((tmp_path / "student_t" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_digits_split_is_fixed_and_scaled():
@@ -129,19 +133,21 @@ def test_exported_one_step_student_equals_eager_at_new_batch_sizes(tmp_path):
             assert torch.equal(loaded(noise, labels), eager(noise, labels))
 
 
-def run_demo(tmp_path, *extra):
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastgen.demo", "--quick", "--out", str(out), *extra],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+def demo_command(out, *extra):
+    return [sys.executable, "-m", "fastgen.demo", "--quick", "--out", str(out), *extra]
+
+
+def run_demo(tmp_path, *extra, out=None):
+    out = tmp_path / "out" if out is None else out
+    proc = subprocess.run(demo_command(out, *extra), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "metrics.json").read_text()), proc.stdout
 
 
 @pytest.mark.slow
-def test_quick_digits_run(tmp_path):
-    out, m, stdout = run_demo(tmp_path, "--no-compile")
+def test_quick_digits_run_and_its_resume_after_two_sigkills(tmp_path):
+    every = ("--no-compile", "--checkpoint-every", "50")
+    out, m, stdout = run_demo(tmp_path, *every)
     for name in ("teacher", "teacher_1step", "student_1step", "student_4step", "data"):
         assert set(m[name]) == {"class_accuracy", "fd", "precision", "recall"}
     assert m["export_equal"] is True and m["compiled"] is False and m["job"] == "digits"
@@ -155,6 +161,37 @@ def test_quick_digits_run(tmp_path):
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "student_1step.pt2").stat().st_size > 0
     assert "recall" in stdout
+    for stage in ("student_1step", "student_4step"):
+        assert list((out / stage / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The same command killed twice (in the teacher stage, then in the 1-step student's), then
+    # rerun: the same sampler metrics and the same samples as the straight run.
+    import signal
+    import time
+
+    from fastgen import latest_checkpoint
+
+    killed = tmp_path / "killed"
+    for stage, step in (("teacher", 200), ("student_1step", 50)):
+        child = subprocess.Popen(demo_command(killed, *every), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 600
+        while time.time() < deadline and child.poll() is None:
+            last = latest_checkpoint(killed / stage / "checkpoints")
+            if last is not None and int(last.name.split("_")[1]) >= step:
+                break
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert not (killed / "metrics.json").exists()  # it died before the end
+    _, resumed, stdout = run_demo(tmp_path, *every, out=killed)
+    assert "teacher: resumed from step 800" in stdout
+    assert re.search(r"^resumed from step (50|60) .*student_1step", stdout, flags=re.M), stdout
+    for name in ("teacher", "teacher_1step", "student_1step", "student_4step", "data"):
+        assert resumed[name] == m[name], name
+    again = torch.load(killed / "samples.pt")
+    assert set(again) == set(samples)
+    assert all(torch.equal(again[k], samples[k]) for k in samples)
 
 
 @pytest.mark.slow

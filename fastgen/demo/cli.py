@@ -2,6 +2,8 @@
 
 Runs on one process or under ``torchrun --nproc_per_node=2 -m fastgen.demo`` (DDP: gloo on CPU,
 nccl on CUDA; each rank draws its own data and noise, rank 0 evaluates and writes the files).
+Every stage checkpoints into ``--out``; the same command with the same ``--out`` resumes where a
+killed run stopped and ends with the same results (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +35,15 @@ def run(args: argparse.Namespace) -> dict | None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rt = Runtime(device=device, rank=rank, world=world, compiled=not args.no_compile)
+    out = Path(args.out)
+    stages = [out / "teacher", out / "student_1step", out / "student_4step"]
+    if args.fresh and rank == 0:
+        for stage in stages:
+            shutil.rmtree(stage, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    rt = Runtime(device=device, rank=rank, world=world, compiled=not args.no_compile, out=out,
+                 checkpoint_every=args.checkpoint_every)  # fmt: skip
     start = time.perf_counter()
     # Each rank its own data, noise and timesteps; DDP broadcasts rank 0's initial weights.
     torch.manual_seed(args.seed + 1000 * rank)
@@ -40,7 +51,6 @@ def run(args: argparse.Namespace) -> dict | None:
     result = job.run(args, rt, start)
     if result is not None:
         result["threads"] = torch.get_num_threads()
-        out = Path(args.out)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         print("\n" + job.summary(result))
         print(
@@ -71,7 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
-    run(parser.parse_args(argv))
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=100, metavar="N",
+        help="save every N updates of the stage being trained (and at its end); default 100",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fresh", action="store_true", help="start over instead of resuming from --out"
+    )
+    args = parser.parse_args(argv)
+    if args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    run(args)
 
 
 if __name__ == "__main__":

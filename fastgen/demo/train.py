@@ -1,20 +1,24 @@
-"""Training and sampling: an RF teacher, DMD2 students on :class:`~fastgen.DMDPipeline`, and the
-samplers, written with the fastgen conversions."""
+"""Training and sampling: an RF teacher, DMD2 students through :class:`fastgen.train.Trainer`,
+and the samplers, written with the fastgen conversions. Every stage checkpoints into the run
+folder and resumes from it, so a killed run rerun with the same ``--out`` ends exactly as the
+straight run."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fastgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgen.config import SampleTimestepConfig
 from fastgen.dmd import (
     DMDConfig,
-    DMDPipeline,
     EMAConfig,
     attach_feature_capture,
     classifier_free_guidance,
@@ -24,6 +28,7 @@ from fastgen.flow_matching import add_noise, convert_prediction, pred_x0_from_fl
 from fastgen.losses import dsm_loss
 from fastgen.modules import RFForward, TimestepSampler
 from fastgen.timesteps import make_t_list
+from fastgen.train import RunConfig, Trainer
 
 Batch = Callable[[], tuple[Tensor, Tensor | None]]  # () -> (x0 [B, ...], labels [B] or None)
 
@@ -34,6 +39,8 @@ class Runtime:
     rank: int
     world: int
     compiled: bool
+    out: Path = Path("fastgen-demo-out")
+    checkpoint_every: int = 100  # updates of the stage being trained
 
     @property
     def main(self) -> bool:
@@ -106,15 +113,36 @@ def train_teacher(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 100)
     step = rt.compile(denoising_loss)
+    # The teacher stage checkpoints like the students' (fastgen.save_checkpoint, modules=).
+    root = rt.out / "teacher" / "checkpoints"
+    state = {"modules": {"teacher": net}, "optimizers": {"teacher": opt},
+             "schedulers": {"teacher": sched}}  # fmt: skip
+    last = latest_checkpoint(root)
+    start = 0 if last is None else load_checkpoint(last, **state).step
+    if start and rt.main:
+        print(f"teacher: resumed from step {start} ({last})", flush=True)
     with progress(steps, "teacher (RF)", rt) as bar:
-        for i in range(steps):
+        bar.update(start)
+        for i in range(start, steps):
             x0, labels = batch()
             loss = step(model, sampler, noiser, x0, drop_labels(labels, label_dropout, null))
             descend(opt, loss, sched)
             bar.update()
             if i % 100 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (i + 1) % rt.checkpoint_every == 0 or i + 1 == steps:
+                save_checkpoint(root / f"step_{i + 1:08d}", step=i + 1, **state)
+                keep_newest(root, 2, rt)
     return net.requires_grad_(False).eval()
+
+
+def keep_newest(root: Path, keep: int, rt: Runtime) -> None:
+    """Delete all but the newest ``keep`` checkpoints under ``root`` (rank 0)."""
+    if not rt.main:
+        return
+    done = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -149,8 +177,10 @@ def distill(
     s: DistillSettings,
     name: str,
 ) -> nn.Module:
-    """DMD2 with :class:`~fastgen.DMDPipeline`: ``s.updates`` student updates, each after
-    ``s.fake_updates`` fake-score updates; returns the EMA of the student.
+    """DMD2 through :class:`fastgen.train.Trainer`: ``s.updates`` student updates, each after
+    ``s.fake_updates`` fake-score updates; returns the EMA of the student. The stage's run
+    folder is ``rt.out / "student_<name>"`` (checkpoints, TensorBoard events); it resumes from
+    its newest checkpoint.
 
     A multi-step student (``len(t_list) > 2``) trains with backward simulation: each sample
     draws a rung and starts from the student's own unrolled sample there. With ``s.gan``, a
@@ -181,49 +211,37 @@ def distill(
         ema=EMAConfig(decay=s.ema_decay),
         gan_loss_weight_gen=0.0 if gan is None else gan.weight,
     )
-    pipe = DMDPipeline(
-        rt.wrap(student),
-        teacher,
-        rt.wrap(fake),
-        cfg,
-        discriminator=None if disc is None else rt.wrap(disc),
+    # Adam with betas (0, 0.99) for every network (AdamW without weight decay); the generator's
+    # learning rate decays (cosine to 1/20), which lets it settle instead of orbiting the fake score.
+    optim = {
+        "student": {"lr": s.gen_lr, "betas": (0.0, 0.99), "schedule": "cosine",
+                    "min_lr_ratio": 0.05},
+        "fake_score": {"lr": s.fake_lr, "betas": (0.0, 0.99)},
+        "discriminator": {"lr": gan.lr if gan is not None else 1e-3, "betas": (0.0, 0.99)},
+        "grad_clip": None,
+    }  # fmt: skip
+    run = RunConfig(
+        out=str(rt.out / f"student_{name.replace('-', '')}"),
+        steps=s.updates,
+        seed=None,  # the demo seeds the RNG once, at the start
+        compile=rt.compiled,
+        parallel="ddp" if rt.world > 1 else "none",
+        optim=optim,
+        checkpoint={"every": rt.checkpoint_every, "keep": 2},
+        log={"every": 50, "name": f"DMD2 {name}"},
     )
-    gen_opt = torch.optim.Adam(student.parameters(), lr=s.gen_lr, betas=(0.0, 0.99))
-    fake_opt = torch.optim.Adam(fake.parameters(), lr=s.fake_lr, betas=(0.0, 0.99))
-    if disc is not None:
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=gan.lr, betas=(0.0, 0.99))
-        disc_loss = rt.compile(pipe.compute_discriminator_loss)
-    # Decaying the generator's step lets it settle instead of orbiting the fake score.
-    gen_sched = torch.optim.lr_scheduler.CosineAnnealingLR(gen_opt, s.updates, s.gen_lr / 20)
-    student_loss = rt.compile(pipe.compute_student_loss)
-    fake_loss = rt.compile(pipe.compute_fake_score_loss)
 
-    def draw():
+    def draw() -> dict:
         x0, labels = batch()
-        return x0, torch.randn_like(x0), labels
+        out = {"latents": x0, "encoder_hidden_states": labels}
+        if s.guidance_scale is not None:
+            out["negative_encoder_hidden_states"] = torch.full_like(labels, s.null_label)
+        return out
 
-    with progress(s.updates, f"DMD2 {name}", rt) as bar:
-        for i in range(s.updates):
-            for _ in range(cfg.student_update_freq):
-                descend(fake_opt, fake_loss(*draw())["total"])
-                if disc is not None:
-                    descend(disc_opt, disc_loss(*draw())["total"])
-            x0, noise, labels = draw()
-            if s.guidance_scale is None:
-                loss = student_loss(x0, noise, labels)["total"]
-            else:
-                uncond = torch.full_like(labels, s.null_label)
-                loss = student_loss(x0, noise, labels, negative_encoder_hidden_states=uncond)[
-                    "total"
-                ]
-            descend(gen_opt, loss, gen_sched)
-            pipe.update_ema()
-            bar.update()
-            if i % 50 == 0:
-                bar.set_postfix(vsd=f"{loss.item():.3g}")
-    ema = copy.deepcopy(student).requires_grad_(False)
-    pipe.ema.copy_to(ema)
-    return ema.eval()
+    trainer = Trainer(run, teacher=teacher, data=draw, student=student, fake_score=fake,
+                      discriminator=disc, dmd=cfg, device=rt.device)  # fmt: skip
+    trainer.fit()
+    return copy.deepcopy(trainer.ema_student()).requires_grad_(False).eval()
 
 
 def distill_one_and_four_steps(

@@ -106,6 +106,9 @@ class LogConfig(BaseModel):
     progress: bool = True
     """A tqdm progress bar on rank 0."""
 
+    name: str = "fastgen distill"
+    """The progress bar's label."""
+
 
 class ValidationConfig(BaseModel):
     """Samples of the EMA student from fixed noise and conditions."""
@@ -152,9 +155,9 @@ class RunConfig(BaseModel):
     """The data, as ``"module:function"``: ``function(run, rank, world)`` returns a callable
     that gives one batch dict per call (CLI)."""
 
-    seed: int = 0
+    seed: int | None = 0
     """Seeds the networks' construction (every rank the same) and, offset by the rank, the
-    data and noise."""
+    data and noise; ``None`` leaves the RNG to the caller (a script that seeds it itself)."""
 
     compile: bool = False
     """Each loss through ``torch.compile`` (``fullgraph=True`` except under DDP)."""

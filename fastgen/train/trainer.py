@@ -82,6 +82,7 @@ class Trainer:
         fake_score: Initial fake score (default: a copy of the teacher).
         discriminator: Required with the GAN branch (and a feature capture on the teacher).
         dmd: The DMD2 config (default: ``run.dmd_config()``).
+        device: Where to train (default: this rank's CUDA device if there is one, else CPU).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class Trainer:
         fake_score: nn.Module | None = None,
         discriminator: nn.Module | None = None,
         dmd: DMDConfig | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(run, RunConfig):
             raise TypeError(f"run must be a RunConfig, got {type(run).__name__}")
@@ -106,6 +108,8 @@ class Trainer:
         self.data = data
         self.out = Path(run.out)
         self._setup_distributed()
+        if device is not None:
+            self.device = torch.device(device)
         device = self.device
         student = copy.deepcopy(teacher) if student is None else student
         fake_score = create_fake_score(teacher) if fake_score is None else fake_score
@@ -371,7 +375,8 @@ class Trainer:
         """
         run = self.run
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(run.seed + 1000 * self.rank)  # each rank its own data and noise
+        if run.seed is not None:
+            torch.manual_seed(run.seed + 1000 * self.rank)  # each rank its own data and noise
         if self.main:
             import yaml
 
@@ -381,7 +386,7 @@ class Trainer:
             (self.out / "dmd.yaml").write_text(self.dmd.to_yaml())
         if run.validation.every is not None and self.main:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(run.seed + 7)
+                torch.manual_seed((run.seed or 0) + 7)
                 batch = self.data()
                 n = min(run.validation.samples, batch["latents"].shape[0])
                 batch = {
@@ -409,7 +414,7 @@ class Trainer:
         if self.main and run.log.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=run.steps, initial=start, desc="fastgen distill", dynamic_ncols=True)
+            bar = tqdm(total=run.steps, initial=start, desc=run.log.name, dynamic_ncols=True)
         scalars: dict[str, float] = {}
         tick, ticked = time.perf_counter(), start
         freq = self.dmd.student_update_freq
