@@ -4,6 +4,7 @@ a run killed with SIGKILL that resumes to the straight run's weights."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -107,7 +108,7 @@ def test_logs_and_validation_samples(tmp_path):
     run = run_config(tmp_path / "a", steps=4, validation={"every": 2, "samples": 2})
     result = trainer(run, Data()).fit()
     assert result["scalars"]["lr/student"] == pytest.approx(
-        1e-3 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 2 / 4))
+        1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4))
     )
     events = EventAccumulator(
         str(tmp_path / "a" / "tensorboard"), size_guidance={"images": 0}
@@ -255,3 +256,13 @@ def test_readme_run_config_is_valid():
     run = RunConfig.model_validate(yaml.safe_load(block))
     assert run.dmd_config().guidance_scale == 4.0
     assert run.optim.student.schedule == "cosine"
+
+
+def test_bf16_autocast_runs_the_networks_in_bf16_and_keeps_float32_weights(tmp_path):
+    t = trainer(run_config(tmp_path / "a", steps=1, precision="bf16"), Data())
+    seen = []
+    t.pipeline.student.proj_in.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    result = t.fit()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in t.pipeline.student.parameters())
+    assert all(math.isfinite(v) for k, v in result["scalars"].items() if k.startswith("loss/"))

@@ -164,6 +164,8 @@ class Trainer:
         self._norms: dict[str, Tensor] = {}
         self._writer = None
         self._wandb = None
+        self._bar = None
+        self._scalars = {}
         self._seen_batch = 0
         self._lrs: dict[str, float] = {}
         self._validation: tuple[Tensor, Batch] | None = None
@@ -361,18 +363,10 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
 
-    def fit(self, *, fresh: bool = False) -> dict[str, Any]:
-        """Run (or resume) to ``run.steps`` iterations.
-
-        Args:
-            fresh: Start over: delete ``out/checkpoints`` instead of resuming from it.
-
-        Returns:
-            ``{"step", "resumed_from", "scalars"}`` (the last logged scalars).
-
-        Raises:
-            NonFiniteLossError: A loss became NaN or inf (nothing is saved after it).
-        """
+    def begin(self, *, fresh: bool = False) -> int:
+        """Prepare the run folder, resume (or start over), open the logs; returns the first
+        iteration to run. :meth:`fit` calls it; a custom loop calls it, then
+        :meth:`run_iteration` and :meth:`after_iteration` per iteration, then :meth:`end`."""
         run = self.run
         self.out.mkdir(parents=True, exist_ok=True)
         if run.seed is not None:
@@ -410,52 +404,81 @@ class Trainer:
 
             self._wandb = wandb.init(project=run.log.wandb_project, dir=str(self.out),
                                      config=json.loads(run.model_dump_json()), resume="allow")  # fmt: skip
-        bar = None
+        self._bar = None
         if self.main and run.log.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=run.steps, initial=start, desc=run.log.name, dynamic_ncols=True)
-        scalars: dict[str, float] = {}
-        tick, ticked = time.perf_counter(), start
-        freq = self.dmd.student_update_freq
+            self._bar = tqdm(total=run.steps, initial=start, desc=run.log.name, dynamic_ncols=True)
+        self._scalars: dict[str, float] = {}
+        self._tick, self._ticked = time.perf_counter(), start
+        return start
+
+    def run_iteration(self, iteration: int) -> None:
+        """One iteration's updates (0-based ``iteration``): the fake-score (and discriminator)
+        updates, the student update, the LR schedulers' step, the EMA update."""
+        for _ in range(self.dmd.student_update_freq):
+            self._update("fake_score", iteration + 1)
+            if "discriminator" in self._params:
+                self._update("discriminator", iteration + 1)
+        self._update("student", iteration + 1)
+        # the learning rates this iteration used (logged), then the next iteration's
+        self._lrs = {n: sched.get_last_lr()[0] for n, sched in self.schedulers.items()}
+        for sched in self.schedulers.values():
+            sched.step()
+        self.pipeline.update_ema()
+
+    def after_iteration(self, done: int) -> None:
+        """What follows iteration ``done`` (1-based): the finiteness check, logs, checkpoint,
+        validation samples and the progress bar, each on its schedule."""
+        run = self.run
+        last = done == run.steps
+        if done % run.log.every == 0 or last:
+            self._check_finite()
+            now = time.perf_counter()
+            self._scalars = self._log(done, (now - self._tick) / max(1, done - self._ticked))
+            self._tick, self._ticked = now, done
+            if self._bar is not None:
+                losses = {k.split("/", 1)[1]: f"{v:.3g}" for k, v in self._scalars.items()
+                          if k.startswith("loss/") and k.endswith("/total")}  # fmt: skip
+                rate = 1 / max(self._scalars["time/seconds_per_iteration"], 1e-9)
+                self._bar.set_postfix(losses | {"it/s": f"{rate:.2f}"})
+        if done % run.checkpoint.every == 0 or last:
+            self._check_finite()
+            self._save(done)
+        if run.validation.every is not None and (done % run.validation.every == 0 or last):
+            self._validate(done)
+        if self._bar is not None:
+            self._bar.update()
+
+    def end(self) -> None:
+        """Close the progress bar and the logs."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+    def fit(self, *, fresh: bool = False) -> dict[str, Any]:
+        """Run (or resume) to ``run.steps`` iterations.
+
+        Args:
+            fresh: Start over: delete ``out/checkpoints`` instead of resuming from it.
+
+        Returns:
+            ``{"step", "resumed_from", "scalars"}`` (the last logged scalars).
+
+        Raises:
+            NonFiniteLossError: A loss became NaN or inf (nothing is saved after it).
+        """
+        start = self.begin(fresh=fresh)
         try:
-            for it in range(start, run.steps):
-                for _ in range(freq):
-                    self._update("fake_score", it + 1)
-                    if "discriminator" in self._params:
-                        self._update("discriminator", it + 1)
-                self._update("student", it + 1)
-                # the learning rates this iteration used (logged), then the next iteration's
-                self._lrs = {n: sched.get_last_lr()[0] for n, sched in self.schedulers.items()}
-                for sched in self.schedulers.values():
-                    sched.step()
-                self.pipeline.update_ema()
-                done = it + 1
-                last = done == run.steps
-                if done % run.log.every == 0 or last:
-                    self._check_finite()
-                    now = time.perf_counter()
-                    scalars = self._log(done, (now - tick) / max(1, done - ticked))
-                    tick, ticked = now, done
-                    if bar is not None:
-                        bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in scalars.items()
-                                         if k.startswith("loss/") and k.endswith("/total")}
-                                        | {"it/s": f"{1 / max(scalars['time/seconds_per_iteration'], 1e-9):.2f}"})  # fmt: skip
-                if done % run.checkpoint.every == 0 or last:
-                    self._check_finite()
-                    self._save(done)
-                if run.validation.every is not None and (done % run.validation.every == 0 or last):
-                    self._validate(done)
-                if bar is not None:
-                    bar.update()
+            for it in range(start, self.run.steps):
+                self.run_iteration(it)
+                self.after_iteration(it + 1)
         finally:
-            if bar is not None:
-                bar.close()
-            if self._writer is not None:
-                self._writer.close()
-            if self._wandb is not None:
-                self._wandb.finish()
-        return {"step": run.steps, "resumed_from": start, "scalars": scalars}
+            self.end()
+        return {"step": self.run.steps, "resumed_from": start, "scalars": self._scalars}
 
     def ema_student(self) -> nn.Module:
         """A plain copy of the student holding the EMA weights (the student's own weights when
