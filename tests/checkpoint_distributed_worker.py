@@ -13,8 +13,6 @@ load; ``--one-rank`` names a checkpoint saved by one process, loaded here into t
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import FREQ, build, differences, snapshot, train
+from workers import finish
 
 import fastgen
 
@@ -92,12 +91,7 @@ def main() -> None:
         dist.all_gather_object(gathered, differences(want, snapshot(run)))
         result["one_rank"] = {"differences": gathered, "world_size": info.world_size,
                               "tensors": len(want)}  # fmt: skip
-    if rank == 0:
-        print(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown (torch's background threads can abort it here)
+    finish(result)
 
 
 if __name__ == "__main__":

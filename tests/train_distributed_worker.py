@@ -10,8 +10,6 @@ weight, EMA shadow and optimizer state is compared bitwise on each rank.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import differences
 from test_train import run_config, state_of, trainer
 from train_toys import Data, Interrupted
+from workers import finish
 
 
 def main() -> None:
@@ -46,14 +45,8 @@ def main() -> None:
     diffs = differences(want, got)
     gathered = [None, None]
     dist.all_gather_object(gathered, diffs)
-    if dist.get_rank() == 0:
-        print(json.dumps({"parallel": args.parallel, "world": dist.get_world_size(),
-                          "resumed_from": result["resumed_from"], "differences": gathered,
-                          "tensors": len(got)}))  # fmt: skip
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown (torch's background threads can abort it here)
+    finish({"parallel": args.parallel, "world": dist.get_world_size(),
+            "resumed_from": result["resumed_from"], "differences": gathered, "tensors": len(got)})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -242,9 +242,12 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.run.optim.grad_clip
-        self._norms[name] = torch.nn.utils.clip_grad_norm_(
-            self._params[name], clip if clip is not None else float("inf")
-        )
+        if clip is not None:
+            self._norms[name] = torch.nn.utils.clip_grad_norm_(self._params[name], clip)
+        elif iteration % self.run.log.every == 0 or iteration == self.run.steps:
+            # without clipping the norm is only read when it is logged
+            grads = [p.grad for p in self._params[name] if p.grad is not None]
+            self._norms[name] = torch.nn.utils.get_total_norm(grads)
         opt.step()
         self._last[name] = {k: v.detach() for k, v in out.items()}
         # The first non-finite iteration, kept on the device (read at log and save time only).
