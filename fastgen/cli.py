@@ -78,6 +78,9 @@ def _distill(args: argparse.Namespace) -> int:
     data = make_data(run, rank, world)
     try:
         trainer = Trainer(run, data=data, dmd=dmd, **nets)
+    except (ValueError, TypeError) as err:  # the run config against the networks it got
+        raise UsageError(f"{args.config}: {err}") from None
+    try:
         result = trainer.fit(fresh=args.fresh)
     except NonFiniteLossError as err:
         print(f"fastgen: {err}", file=sys.stderr)

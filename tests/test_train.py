@@ -180,9 +180,10 @@ def write_config(path: Path, **fields) -> Path:
         ({"model": "no_such_module:f"}, [], r"model: cannot import 'no_such_module'"),
         ({"data": "train_toys:nothing"}, [], r"data: 'train_toys' has no function 'nothing'"),
         ({"model": None}, [], r"model: required"),
+        ({}, ["parallel=ddp"], r"run.yaml: parallel: ddp runs under torchrun"),
     ],
     ids=["unknown-key", "bad-value", "bad-set-value", "dmd-typo", "bad-set", "recipe", "import",
-         "attr", "no-model"],
+         "attr", "no-model", "ddp-without-torchrun"],
 )  # fmt: skip
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, fields, sets, message):
     config = write_config(tmp_path / "run.yaml", **fields)
