@@ -313,7 +313,7 @@ def make_t_list(num_steps: int, *, shift: float = 1.0, max_t: float = 0.999) -> 
     Returns:
         A strictly decreasing list of floats ending in exactly 0.
 
-    Example:
+    Examples:
         >>> [round(t, 4) for t in make_t_list(4, shift=5.0)]
         [0.999, 0.9375, 0.8333, 0.625, 0.0]
     """

@@ -249,10 +249,10 @@ def test_cli_sigkill_twice_then_resume_equals_the_straight_run(tmp_path):
     assert seen[0] < seen[1]
 
 
-def test_readme_run_config_is_valid():
+def test_the_guide_run_config_is_valid():
     import re
 
-    readme = (TESTS.parent / "README.md").read_text()
+    readme = (TESTS.parent / "docs" / "guides" / "trainer.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "recipe:" in b]
     run = RunConfig.model_validate(yaml.safe_load(block))
     assert run.dmd_config().guidance_scale == 4.0

@@ -122,7 +122,7 @@ def attach_feature_capture(
     Returns:
         The capture; :class:`~fastgen.dmd.DMDPipeline` finds it on the teacher.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
