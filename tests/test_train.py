@@ -249,14 +249,17 @@ def test_cli_sigkill_twice_then_resume_equals_the_straight_run(tmp_path):
     assert seen[0] < seen[1]
 
 
-def test_the_guide_run_config_is_valid():
+def test_the_run_configs_of_the_guide_and_the_readme_are_valid():
     import re
 
-    readme = (TESTS.parent / "docs" / "guides" / "trainer.md").read_text()
-    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "recipe:" in b]
+    guide = (TESTS.parent / "docs" / "guides" / "trainer.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", guide, flags=re.S) if "recipe:" in b]
     run = RunConfig.model_validate(yaml.safe_load(block))
     assert run.dmd_config().guidance_scale == 4.0
     assert run.optim.student.schedule == "cosine"
+    readme = (TESTS.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "recipe:" in b]
+    assert RunConfig.model_validate(yaml.safe_load(block)).dmd_config().student_sample_steps == 4
 
 
 def test_bf16_autocast_runs_the_networks_in_bf16_and_keeps_float32_weights(tmp_path):
