@@ -1,4 +1,5 @@
-r"""Rectified-flow (RF) helpers: forward process, inversions, timestep sampling.
+r"""Rectified-flow (RF) helpers: the forward process, the coefficients and the conversions between
+x0, eps and flow predictions (timestep sampling lives in :mod:`fastgen.timesteps`).
 
 This module intentionally does not define a NoiseScheduler class. It exposes the handful of
 primitives that DMD2 actually needs as plain functions, so callers can plug fastgen into any
@@ -10,7 +11,7 @@ RF convention used throughout: :math:`\alpha_t = 1 - t` and :math:`\sigma_t = t`
 
     x_t = (1 - t)\, x_0 + t\, \epsilon, \qquad v = \epsilon - x_0, \qquad t \in [0, 1],
 
-with t = 0 the data and t = 1 pure noise. Internally all arithmetic is in float64 and the
+with t = 0 the data and t = 1 pure noise. By default the arithmetic is in float64 and the
 result is rounded once to the output dtype, so every output is the correctly rounded float64
 value of its formula, and eager and compiled results are bitwise equal. Under the float32
 precision policy (:mod:`fastgen.precision`) the same formulas run in float32 with compensated
@@ -31,11 +32,17 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from fastgen import _compensated as comp
 from fastgen._rounding import round_once, round_pair
+from fastgen.checks import (
+    check_float_tensor,
+    check_pair,
+    check_t,
+    check_t_values,
+    expand_like,
+    set_value_checks,
+)
 from fastgen.precision import compute_dtype, widen
 
 __all__ = [
@@ -47,8 +54,6 @@ __all__ = [
     "pred_x0_from_flow",
     "rf_alpha",
     "rf_sigma",
-    "sample_from_t_list",
-    "sample_timesteps",
     "set_value_checks",
     "x0_to_eps",
     "x0_to_flow",
@@ -61,156 +66,11 @@ DENOM_MIN = 1e-6
 Param = Literal["x0", "eps", "flow"]
 _PARAMS = ("x0", "eps", "flow")
 
-_value_checks_enabled = True
-
-
-def set_value_checks(enabled: bool) -> bool:
-    """Turn the eager-mode value checks on ``t`` on or off.
-
-    The checks (every ``t`` in [0, 1], none NaN) cost one host sync per call. They never run
-    under ``torch.compile``, ``torch.export`` or CUDA-graph capture; this switch also skips
-    them in eager mode, for speed in a trusted training loop.
-
-    Args:
-        enabled: ``True`` to check (the default state), ``False`` to skip.
-
-    Returns:
-        The previous setting, so a caller can restore it.
-
-    Example:
-        >>> import fastgen
-        >>> previous = fastgen.set_value_checks(False)
-        >>> fastgen.set_value_checks(previous)
-        False
-    """
-    global _value_checks_enabled
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    previous, _value_checks_enabled = _value_checks_enabled, enabled
-    return previous
-
-
-def _check_float_tensor(name: str, x: object) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-
-
-def _require_size(ok, what: str, a: Tensor, b: Tensor) -> None:
-    """Raise ``ValueError`` (``what``, then both shapes) when a size check fails.
-
-    Under ``torch.compile`` a size may be an unbacked symbol (``mark_unbacked``) whose value is
-    unknown while tracing: then the check becomes a runtime assertion instead of a guard.
-    """
-    if not guard_or_true(ok):
-        raise ValueError(f"{what}, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if torch.compiler.is_compiling():
-        torch._check(ok, lambda: what)
-
-
-def _check_pair(name_a: str, a: object, name_b: str, b: object) -> None:
-    _check_float_tensor(name_a, a)
-    _check_float_tensor(name_b, b)
-    if a.device != b.device:
-        raise ValueError(
-            f"{name_a} and {name_b} must be on one device, got {a.device} and {b.device}"
-        )
-    what = f"{name_a} and {name_b} must have the same shape"
-    if a.ndim != b.ndim:
-        raise ValueError(f"{what}, got {tuple(a.shape)} and {tuple(b.shape)}")
-    for size_a, size_b in zip(a.shape, b.shape):
-        _require_size(size_a == size_b, what, a, b)
-
-
-def _should_check_values(t: Tensor) -> bool:
-    # Reading tensor values syncs with the device: never while tracing or capturing a graph.
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return False
-    if not _value_checks_enabled:
-        return False
-    # Meta and fake tensors (shape inference, meta-initialised models) have no values to read.
-    if t.is_meta or is_fake(t):
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def _check_t_values(t: Tensor) -> None:
-    if _should_check_values(t) and t.numel() > 0:
-        bad = (t < 0) | (t > 1) | torch.isnan(t)
-        if bool(bad.any()):
-            raise ValueError(
-                "t must lie in the closed interval [0, 1] and not be NaN, got values in "
-                f"[{t.detach().min().item()}, {t.detach().max().item()}]"
-                f"{' (with NaN)' if bool(torch.isnan(t).any()) else ''}"
-            )
-
-
-def expand_like(t: Tensor, x: Tensor) -> Tensor:
-    r"""Append trailing singleton dims to ``t`` so that it broadcasts against ``x``.
-
-    ``t`` lines up with the *leading* dims of ``x``: each of its dims must be 1 or equal to
-    the matching dim of ``x``. A 0-d ``t`` broadcasts everywhere.
-
-    .. math::
-
-        \operatorname{shape}(t') = \operatorname{shape}(t) + (1,) \times (x.\mathrm{ndim} - t.\mathrm{ndim})
-
-    Args:
-        t: Timesteps, shape ``[]``, ``[B]`` or ``[B, ...]`` (a prefix of ``x``'s shape, 1s allowed).
-        x: The tensor to broadcast against, shape ``[B, ...]``.
-
-    Returns:
-        A view of ``t`` (same dtype and device) with ``x.ndim`` dims.
-
-    Raises:
-        TypeError: ``t`` or ``x`` is not a tensor.
-        ValueError: ``t`` has more dims than ``x`` or a leading dim that does not match.
-
-    Example:
-        >>> import torch
-        >>> expand_like(torch.rand(2), torch.zeros(2, 3, 4, 4)).shape
-        torch.Size([2, 1, 1, 1])
-        >>> expand_like(torch.rand(2, 1, 5), torch.zeros(2, 3, 5, 4, 4)).shape
-        torch.Size([2, 1, 5, 1, 1])
-    """
-    if not isinstance(t, Tensor):
-        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if t.ndim > x.ndim:
-        raise ValueError(
-            f"t cannot broadcast against the data: t has {t.ndim} dims {tuple(t.shape)}, "
-            f"the data only {x.ndim} {tuple(x.shape)}"
-        )
-    for dim, (t_size, x_size) in enumerate(zip(t.shape, x.shape)):
-        # As torch's broadcasting does: a size not known to be 1 must match.
-        if not guard_or_false(t_size == 1):
-            what = (
-                f"t cannot broadcast against the data: t.shape[{dim}] must be 1 or equal the "
-                f"data's (t lines up with the leading dims); t and data"
-            )
-            _require_size(t_size == x_size, what, t, x)
-    return t.reshape(*t.shape, *([1] * (x.ndim - t.ndim)))
-
-
-def _check_t(t: Tensor, x: Tensor) -> Tensor:
-    """Validate ``t`` against the data ``x`` and return it broadcastable to ``x``."""
-    _check_float_tensor("t", t)
-    # A 0-d CPU t broadcasts to any device, as in torch; anything else must sit with the data.
-    if t.device != x.device and not (t.ndim == 0 and t.device.type == "cpu"):
-        raise ValueError(
-            f"t is on {t.device} but the data is on {x.device}: move t to the data's device"
-        )
-    t = expand_like(t, x)
-    _check_t_values(t)
-    return t
-
 
 def _t_wide(t: Tensor, x: Tensor) -> tuple[Tensor, torch.dtype]:
-    """:func:`_check_t`, in the compute dtype of the policy (returned with it)."""
+    """:func:`check_t`, in the compute dtype of the policy (returned with it)."""
     wide = compute_dtype(x.device)
-    return widen(_check_t(t, x), wide), wide
+    return widen(check_t(t, x), wide), wide
 
 
 def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -236,7 +96,7 @@ def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         >>> add_noise(torch.tensor([[2.0, 4.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0.25]))
         tensor([[1.5000, 3.2500]])
     """
-    _check_pair("x0", x0, "eps", eps)
+    check_pair("x0", x0, "eps", eps)
     t_w, wide = _t_wide(t, x0)
     x0_w, eps_w = widen(x0, wide), widen(eps, wide)
     if wide == torch.float32:
@@ -267,7 +127,7 @@ def pred_noise_to_pred_x0(pred_noise: Tensor, noisy_latents: Tensor, t: Tensor) 
         >>> pred_noise_to_pred_x0(torch.tensor([1.0]), torch.tensor([1.5]), torch.tensor(0.5))
         tensor([2.])
     """
-    _check_pair("pred_noise", pred_noise, "noisy_latents", noisy_latents)
+    check_pair("pred_noise", pred_noise, "noisy_latents", noisy_latents)
     t_w, wide = _t_wide(t, noisy_latents)
     x_t, eps = widen(noisy_latents, wide), widen(pred_noise, wide)
     if wide == torch.float64:
@@ -300,7 +160,7 @@ def pred_x0_from_flow(pred_flow: Tensor, noisy_latents: Tensor, t: Tensor) -> Te
         >>> pred_x0_from_flow(torch.tensor([-1.0]), torch.tensor([1.5]), torch.tensor(0.5))
         tensor([2.])
     """
-    _check_pair("pred_flow", pred_flow, "noisy_latents", noisy_latents)
+    check_pair("pred_flow", pred_flow, "noisy_latents", noisy_latents)
     t_w, wide = _t_wide(t, noisy_latents)
     x_t, flow = widen(noisy_latents, wide), widen(pred_flow, wide)
     if wide == torch.float32:
@@ -326,8 +186,8 @@ def rf_alpha(t: Tensor) -> Tensor:
         >>> rf_alpha(torch.tensor([0.0, 0.25, 1.0]))
         tensor([1.0000, 0.7500, 0.0000])
     """
-    _check_float_tensor("t", t)
-    _check_t_values(t)
+    check_float_tensor("t", t)
+    check_t_values(t)
     # 1 - t is exact in float32 for t >= 0.5 and correctly rounded below: one rounding either way.
     return round_once(1.0 - widen(t, compute_dtype(t.device)), t.dtype)
 
@@ -350,8 +210,8 @@ def rf_sigma(t: Tensor) -> Tensor:
         >>> rf_sigma(torch.tensor([0.0, 0.25, 1.0]))
         tensor([0.0000, 0.2500, 1.0000])
     """
-    _check_float_tensor("t", t)
-    _check_t_values(t)
+    check_float_tensor("t", t)
+    check_t_values(t)
     return t.clone()
 
 
@@ -379,7 +239,7 @@ def x0_to_eps(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         >>> x0_to_eps(torch.tensor([2.0]), torch.tensor([1.5]), torch.tensor(0.5))
         tensor([1.])
     """
-    _check_pair("x0", x0, "x_t", x_t)
+    check_pair("x0", x0, "x_t", x_t)
     t_w, wide = _t_wide(t, x_t)
     x_t_w, x0_w = widen(x_t, wide), widen(x0, wide)
     if wide == torch.float64:
@@ -418,7 +278,7 @@ def x0_to_flow(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         >>> x0_to_flow(torch.tensor([2.0]), torch.tensor([1.5]), torch.tensor(0.5))
         tensor([-1.])
     """
-    _check_pair("x0", x0, "x_t", x_t)
+    check_pair("x0", x0, "x_t", x_t)
     t_w, wide = _t_wide(t, x_t)
     # In float32 the difference and the division round once each: no compensation needed.
     flow = (widen(x_t, wide) - widen(x0, wide)) / t_w.clamp_min(DENOM_MIN)
@@ -461,8 +321,8 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
         if value not in _PARAMS:
             raise ValueError(f"{name} must be one of {_PARAMS}, got {value!r}")
     if src == dst:
-        _check_pair("pred", pred, "x_t", x_t)
-        _check_t(t, x_t)
+        check_pair("pred", pred, "x_t", x_t)
+        check_t(t, x_t)
         return pred if pred.dtype == x_t.dtype else round_once(pred, x_t.dtype)
     if src == "flow" and dst == "x0":
         return pred_x0_from_flow(pred, x_t, t)
@@ -472,7 +332,7 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
         return x0_to_eps(pred, x_t, t)
     if src == "x0" and dst == "flow":
         return x0_to_flow(pred, x_t, t)
-    _check_pair("pred", pred, "x_t", x_t)
+    check_pair("pred", pred, "x_t", x_t)
     t_w, wide = _t_wide(t, x_t)
     x_t_w, pred_w = widen(x_t, wide), widen(pred, wide)
     if src == "flow" and wide == torch.float64:  # flow -> eps
@@ -490,4 +350,3 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
 
 # The samplers live in their own file (one concern each) and join this module's namespace,
 # as the API page lists them here.
-from fastgen.timesteps import sample_from_t_list, sample_timesteps  # noqa: E402

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen._rounding import round_once
-from fastgen.flow_matching import _check_float_tensor, _check_pair, _check_t, expand_like
+from fastgen.checks import check_float_tensor, check_pair, check_t, expand_like
 from fastgen.precision import compute_dtype, widen
 
 __all__ = ["VSD_WEIGHT_EPS", "dsm_loss", "gan_disc_loss", "gan_gen_loss", "r1_loss", "vsd_loss"]
@@ -54,9 +54,9 @@ def dsm_loss(
     """
     if pred_type not in _PRED_TYPES:
         raise ValueError(f"pred_type must be one of {_PRED_TYPES}, got {pred_type!r}")
-    _check_pair("pred", pred, "x0", x0)
-    _check_pair("pred", pred, "eps", eps)
-    _check_t(t, pred)
+    check_pair("pred", pred, "x0", x0)
+    check_pair("pred", pred, "eps", eps)
+    check_t(t, pred)
     wide = compute_dtype(pred.device)
     if pred_type == "x0":
         target = widen(x0, wide)
@@ -101,8 +101,8 @@ def vsd_loss(
         >>> torch.allclose(gen.grad, torch.ones(1, 2))  # (3 - 1) / mean|0 - 1| / numel
         True
     """
-    _check_pair("gen", gen, "teacher_x0", teacher_x0)
-    _check_pair("gen", gen, "fake_x0", fake_x0)
+    check_pair("gen", gen, "teacher_x0", teacher_x0)
+    check_pair("gen", gen, "fake_x0", fake_x0)
     if gen.ndim < 2:
         raise ValueError(
             f"gen must have a batch dim and data dims (ndim >= 2), got {tuple(gen.shape)}"
@@ -115,14 +115,14 @@ def vsd_loss(
         norm = diff.abs().mean(dim=tuple(range(1, gen.ndim)), keepdim=True)
         grad = (widen(fake_x0.detach(), wide) - teacher_w) / (norm + VSD_WEIGHT_EPS)
         if additional_scale is not None:
-            _check_float_tensor("additional_scale", additional_scale)
+            check_float_tensor("additional_scale", additional_scale)
             grad = grad * widen(expand_like(additional_scale.detach(), gen), wide)
         target = gen_w.detach() - grad
     return round_once(0.5 * torch.mean((gen_w - target) ** 2), gen.dtype)
 
 
 def _check_logits(name: str, logits: object) -> None:
-    _check_float_tensor(name, logits)
+    check_float_tensor(name, logits)
     if logits.ndim != 2:
         raise ValueError(f"{name} must be 2-D [B, n_heads], got shape {tuple(logits.shape)}")
 
@@ -202,7 +202,7 @@ def r1_loss(real_logits: Tensor, real_logits_perturbed: Tensor) -> Tensor:
     """
     _check_logits("real_logits", real_logits)
     _check_logits("real_logits_perturbed", real_logits_perturbed)
-    _check_pair("real_logits", real_logits, "real_logits_perturbed", real_logits_perturbed)
+    check_pair("real_logits", real_logits, "real_logits_perturbed", real_logits_perturbed)
     wide = compute_dtype(real_logits.device)
     diff = widen(real_logits, wide) - widen(real_logits_perturbed, wide)
     return round_once(torch.mean(diff**2), real_logits.dtype)

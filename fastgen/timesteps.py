@@ -25,7 +25,7 @@ from fastgen._rounding import round_once, round_scalar
 from fastgen.config import SampleTimestepConfig, check_t_list
 from fastgen.precision import compute_dtype
 
-__all__ = ["make_t_list", "resolution_shift", "sample_from_t_list", "sample_timesteps"]
+__all__ = ["make_t_list", "resolution_shift", "rungs_at", "sample_from_t_list", "sample_timesteps"]
 
 # Size of the ``polynomial`` grid (FastGen's RF reading: linspace(min_t, max_t, 1000)).
 POLYNOMIAL_GRID = 1000
@@ -282,11 +282,11 @@ def sample_from_t_list(
         index = torch.randint(0, len(rungs) - 1, (n,), device=device)
     else:
         index = torch.randint(0, len(rungs) - 1, (n,), device=device, generator=generator)
-    t = _rungs_at(index, rungs, dtype=dtype)
+    t = rungs_at(index, rungs, dtype=dtype)
     return (t, index) if return_index else t
 
 
-def _rungs_at(index: Tensor, t_list: Sequence[float], *, dtype: torch.dtype) -> Tensor:
+def rungs_at(index: Tensor, t_list: Sequence[float], *, dtype: torch.dtype) -> Tensor:
     """``t_list[index]`` on ``index``'s device, each rung rounded once to ``dtype`` on the host
     (Python constants selected with ``torch.where``: no tensor built from the list, no sync).
     ``index`` must lie in ``[0, len(t_list) - 1)``; checked by the callers' construction."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fastgen import _compensated as comp
 from fastgen._rounding import round_once, round_pair
-from fastgen.flow_matching import _check_pair, expand_like
+from fastgen.checks import check_pair, expand_like
 from fastgen.precision import compute_dtype, widen
 
 __all__ = ["check_scale", "classifier_free_guidance"]
@@ -50,7 +50,7 @@ def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float | Tensor
         >>> classifier_free_guidance(torch.tensor([[2.0]]), torch.tensor([[1.0]]), 3.0)
         tensor([[4.]])
     """
-    _check_pair("cond", cond, "uncond", uncond)
+    check_pair("cond", cond, "uncond", uncond)
     wide = compute_dtype(cond.device)
     if isinstance(scale, Tensor):
         s = widen(expand_like(scale, cond), wide)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from fastgen._rounding import round_once
+from fastgen.checks import check_pair
 from fastgen.dmd.capture import FeatureCapture, feature_capture_of
 from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.ema import ExponentialMovingAverage
@@ -45,10 +46,10 @@ from fastgen.dmd.factory import is_sharded
 from fastgen.dmd.guidance import check_scale, classifier_free_guidance
 from fastgen.dmd.state import check_state, load_network_state, network_state
 from fastgen.errors import CheckpointError
-from fastgen.flow_matching import _check_pair, add_noise, convert_prediction, x0_to_eps
+from fastgen.flow_matching import add_noise, convert_prediction, x0_to_eps
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
 from fastgen.precision import compute_dtype, widen
-from fastgen.timesteps import _rungs_at, sample_from_t_list, sample_timesteps
+from fastgen.timesteps import rungs_at, sample_from_t_list, sample_timesteps
 
 __all__ = ["DMDPipeline", "unwrap_output"]
 
@@ -238,7 +239,7 @@ class DMDPipeline:
         if encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = encoder_hidden_states
         raw = unwrap_output(model(**kwargs), role)
-        _check_pair(f"{role} output", raw, "hidden_states", x_t)
+        check_pair(f"{role} output", raw, "hidden_states", x_t)
         return raw
 
     def _x0(self, raw: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -311,7 +312,7 @@ class DMDPipeline:
         if stratified:
             order, sorted_k, position = self._stratified_rungs(n, noise.device)
             k = sorted_k.index_select(0, position)
-            t_s = _rungs_at(k, self._t_list, dtype=torch.float32)
+            t_s = rungs_at(k, self._t_list, dtype=torch.float32)
         else:
             t_s, k = sample_from_t_list(
                 n, self._t_list, device=noise.device, dtype=torch.float32, return_index=True
@@ -465,7 +466,7 @@ class DMDPipeline:
             ValueError: Guidance on without negative conditioning; mismatched shapes.
             TypeError: A network returned no tensor; a reserved keyword in ``model_kwargs``.
         """
-        _check_pair("latents", latents, "noise", noise)
+        check_pair("latents", latents, "noise", noise)
         self._check_kwargs(model_kwargs)
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         if scale is not None:
@@ -560,7 +561,7 @@ class DMDPipeline:
         Returns:
             ``{"fake_score", "total"}``, 0-d tensors in ``latents``' dtype.
         """
-        _check_pair("latents", latents, "noise", noise)
+        check_pair("latents", latents, "noise", noise)
         self._check_kwargs(model_kwargs)
         ehs = encoder_hidden_states
         with torch.no_grad():
@@ -605,7 +606,7 @@ class DMDPipeline:
                 "compute_discriminator_loss needs a discriminator: DMDPipeline(..., "
                 "discriminator=D) with a feature capture on the teacher"
             )
-        _check_pair("latents", latents, "noise", noise)
+        check_pair("latents", latents, "noise", noise)
         self._check_kwargs(model_kwargs)
         ehs = encoder_hidden_states
         n = latents.shape[0]
