@@ -533,12 +533,13 @@ def load_checkpoint(
         check_state(
             f"{path}: ema", pipeline.ema.sharded_state_dict(), _saved(metadata, "pipeline.ema.")
         )
-    for name, opt in optimizers.items():
+    owners = {name: _owner(name, opt, nets) for name, opt in optimizers.items()}
+    for name in optimizers:
         if name not in meta["optimizers"]:
             raise CheckpointError(
                 f"{path} has no optimizer {name!r} (it has {sorted(meta['optimizers'])})"
             )
-        owner = _owner(name, opt, nets)
+        owner = owners[name]
         if owner != meta["optimizers"][name]["network"]:
             raise CheckpointError(
                 f"{path}: optimizers[{name!r}] updated the {meta['optimizers'][name]['network']}"
@@ -557,7 +558,7 @@ def load_checkpoint(
     template_opts = {}
     try:
         for name, opt in optimizers.items():
-            template_opts[name] = _optimizer_state(nets[_owner(name, opt, nets)], opt)
+            template_opts[name] = _optimizer_state(nets[owners[name]], opt)
             flat = {k for k in metadata if k.startswith(f"optimizers.{name}.state.")}
             want = {f"optimizers.{name}.state.{fqn}.{key}"
                     for fqn, st in template_opts[name]["state"].items() for key in st}  # fmt: skip
@@ -593,7 +594,7 @@ def load_checkpoint(
         load_network_state(module, state["modules"][name])
     for name, opt in optimizers.items():
         # strict=False: parameters that never had a gradient have no state to load
-        set_optimizer_state_dict(nets[_owner(name, opt, nets)], opt, state["optimizers"][name],
+        set_optimizer_state_dict(nets[owners[name]], opt, state["optimizers"][name],
                                  options=StateDictOptions(strict=False))  # fmt: skip
     for name, sched in schedulers.items():
         sched.load_state_dict(meta["schedulers"][name])
