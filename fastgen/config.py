@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fastgen.pred_type import Param
+
 __all__ = ["MODE_SCALE_MAX", "ParamConverterConfig", "SampleTimestepConfig", "check_t_list"]
 
 # SD3's mode map t = 1 - u - s (cos^2(pi u / 2) - 1 + u) is monotone (so a quantile function)
@@ -155,8 +157,8 @@ class ParamConverterConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
-    src: Literal["x0", "eps", "flow"]
+    src: Param
     """The model's output parameterization."""
 
-    dst: Literal["x0", "eps", "flow"]
+    dst: Param
     """The parameterization to convert to."""

@@ -28,13 +28,10 @@ only: they are skipped under ``torch.compile``, ``torch.export`` and CUDA-graph 
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
 from torch import Tensor
 
 from fastgen import _compensated as comp
-from fastgen._rounding import round_once, round_pair
+from fastgen._rounding import round_once
 from fastgen.checks import (
     check_float_tensor,
     check_pair,
@@ -43,7 +40,8 @@ from fastgen.checks import (
     expand_like,
     set_value_checks,
 )
-from fastgen.precision import compute_dtype, widen
+from fastgen.precision import compute_once
+from fastgen.pred_type import Param, check_param
 
 __all__ = [
     "DENOM_MIN",
@@ -63,14 +61,29 @@ __all__ = [
 # It is FastGen's guard: the outputs stay finite on the closed interval t in [0, 1].
 DENOM_MIN = 1e-6
 
-Param = Literal["x0", "eps", "flow"]
-_PARAMS = ("x0", "eps", "flow")
+
+def _x0_from_eps(x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    return (x_t - t * eps) / (1.0 - t).clamp_min(DENOM_MIN)
 
 
-def _t_wide(t: Tensor, x: Tensor) -> tuple[Tensor, torch.dtype]:
-    """:func:`check_t`, in the compute dtype of the policy (returned with it)."""
-    wide = compute_dtype(x.device)
-    return widen(check_t(t, x), wide), wide
+def _x0_from_eps_f32(x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    return comp.div_one_minus(comp.add_prod(x_t, -t, eps)[0], t, DENOM_MIN)
+
+
+def _eps_from_x0(x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+    return (x_t - (1.0 - t) * x0) / t.clamp_min(DENOM_MIN)
+
+
+def _eps_from_x0_f32(x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+    # x_t - (1 - t) x0 = (x_t - x0) + t x0: the difference and the product taken exactly.
+    d, d_err = comp.two_sum(x_t, -x0)
+    return comp.add_prod(d, t, x0, d_err)[0] / t.clamp_min(DENOM_MIN)
+
+
+def _eps_from_flow_f32(x_t: Tensor, flow: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    # x_t + (1 - t) v = (x_t + v) - t v, the sum and the product taken exactly.
+    d, d_err = comp.two_sum(x_t, flow)
+    return comp.add_prod(d, -t, flow, d_err)
 
 
 def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -97,11 +110,12 @@ def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         tensor([[1.5000, 3.2500]])
     """
     check_pair("x0", x0, "eps", eps)
-    t_w, wide = _t_wide(t, x0)
-    x0_w, eps_w = widen(x0, wide), widen(eps, wide)
-    if wide == torch.float32:
-        return round_pair(*comp.lerp(x0_w, eps_w, t_w), x0.dtype)
-    return round_once((1.0 - t_w) * x0_w + t_w * eps_w, x0.dtype)
+    return compute_once(
+        lambda x0, eps, t: (1.0 - t) * x0 + t * eps,
+        *(x0, eps, check_t(t, x0)),
+        dtype=x0.dtype,
+        float32=comp.lerp,
+    )
 
 
 def pred_noise_to_pred_x0(pred_noise: Tensor, noisy_latents: Tensor, t: Tensor) -> Tensor:
@@ -128,13 +142,15 @@ def pred_noise_to_pred_x0(pred_noise: Tensor, noisy_latents: Tensor, t: Tensor) 
         tensor([2.])
     """
     check_pair("pred_noise", pred_noise, "noisy_latents", noisy_latents)
-    t_w, wide = _t_wide(t, noisy_latents)
-    x_t, eps = widen(noisy_latents, wide), widen(pred_noise, wide)
-    if wide == torch.float64:
-        x0 = (x_t - t_w * eps) / (1.0 - t_w).clamp_min(DENOM_MIN)
-    else:
-        x0 = comp.div_one_minus(comp.add_prod(x_t, -t_w, eps)[0], t_w, DENOM_MIN)
-    return round_once(x0, noisy_latents.dtype)
+    t = check_t(t, noisy_latents)
+    return compute_once(
+        _x0_from_eps,
+        noisy_latents,
+        pred_noise,
+        t,
+        dtype=noisy_latents.dtype,
+        float32=_x0_from_eps_f32,
+    )
 
 
 def pred_x0_from_flow(pred_flow: Tensor, noisy_latents: Tensor, t: Tensor) -> Tensor:
@@ -161,11 +177,13 @@ def pred_x0_from_flow(pred_flow: Tensor, noisy_latents: Tensor, t: Tensor) -> Te
         tensor([2.])
     """
     check_pair("pred_flow", pred_flow, "noisy_latents", noisy_latents)
-    t_w, wide = _t_wide(t, noisy_latents)
-    x_t, flow = widen(noisy_latents, wide), widen(pred_flow, wide)
-    if wide == torch.float32:
-        return round_pair(*comp.add_prod(x_t, -t_w, flow), noisy_latents.dtype)
-    return round_once(x_t - t_w * flow, noisy_latents.dtype)
+    t = check_t(t, noisy_latents)
+    return compute_once(
+        lambda x_t, flow, t: x_t - t * flow,
+        *(noisy_latents, pred_flow, t),
+        dtype=noisy_latents.dtype,
+        float32=lambda x_t, flow, t: comp.add_prod(x_t, -t, flow),
+    )
 
 
 def rf_alpha(t: Tensor) -> Tensor:
@@ -189,7 +207,7 @@ def rf_alpha(t: Tensor) -> Tensor:
     check_float_tensor("t", t)
     check_t_values(t)
     # 1 - t is exact in float32 for t >= 0.5 and correctly rounded below: one rounding either way.
-    return round_once(1.0 - widen(t, compute_dtype(t.device)), t.dtype)
+    return compute_once(lambda t: 1.0 - t, t, dtype=t.dtype)
 
 
 def rf_sigma(t: Tensor) -> Tensor:
@@ -240,15 +258,8 @@ def x0_to_eps(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         tensor([1.])
     """
     check_pair("x0", x0, "x_t", x_t)
-    t_w, wide = _t_wide(t, x_t)
-    x_t_w, x0_w = widen(x_t, wide), widen(x0, wide)
-    if wide == torch.float64:
-        num = x_t_w - (1.0 - t_w) * x0_w
-    else:
-        # x_t - (1 - t) x0 = (x_t - x0) + t x0: the difference and the product taken exactly.
-        d, d_err = comp.two_sum(x_t_w, -x0_w)
-        num = comp.add_prod(d, t_w, x0_w, d_err)[0]
-    return round_once(num / t_w.clamp_min(DENOM_MIN), x_t.dtype)
+    t = check_t(t, x_t)
+    return compute_once(_eps_from_x0, x_t, x0, t, dtype=x_t.dtype, float32=_eps_from_x0_f32)
 
 
 def x0_to_flow(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -279,10 +290,12 @@ def x0_to_flow(x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         tensor([-1.])
     """
     check_pair("x0", x0, "x_t", x_t)
-    t_w, wide = _t_wide(t, x_t)
     # In float32 the difference and the division round once each: no compensation needed.
-    flow = (widen(x_t, wide) - widen(x0, wide)) / t_w.clamp_min(DENOM_MIN)
-    return round_once(flow, x_t.dtype)
+    return compute_once(
+        lambda x_t, x0, t: (x_t - x0) / t.clamp_min(DENOM_MIN),
+        *(x_t, x0, check_t(t, x_t)),
+        dtype=x_t.dtype,
+    )
 
 
 def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst: Param) -> Tensor:
@@ -318,8 +331,7 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
         tensor([1.])
     """
     for name, value in (("src", src), ("dst", dst)):
-        if value not in _PARAMS:
-            raise ValueError(f"{name} must be one of {_PARAMS}, got {value!r}")
+        check_param(name, value)
     if src == dst:
         check_pair("pred", pred, "x_t", x_t)
         check_t(t, x_t)
@@ -333,19 +345,20 @@ def convert_prediction(pred: Tensor, x_t: Tensor, t: Tensor, *, src: Param, dst:
     if src == "x0" and dst == "flow":
         return x0_to_flow(pred, x_t, t)
     check_pair("pred", pred, "x_t", x_t)
-    t_w, wide = _t_wide(t, x_t)
-    x_t_w, pred_w = widen(x_t, wide), widen(pred, wide)
-    if src == "flow" and wide == torch.float64:  # flow -> eps
-        out = x_t_w + (1.0 - t_w) * pred_w
-    elif src == "flow":
-        # x_t + (1 - t) v = (x_t + v) - t v, the sum and the product taken exactly.
-        d, d_err = comp.two_sum(x_t_w, pred_w)
-        return round_pair(*comp.add_prod(d, -t_w, pred_w, d_err), x_t.dtype)
-    elif wide == torch.float64:  # eps -> flow
-        out = (pred_w - x_t_w) / (1.0 - t_w).clamp_min(DENOM_MIN)
-    else:
-        out = comp.div_one_minus(pred_w - x_t_w, t_w, DENOM_MIN)
-    return round_once(out, x_t.dtype)
+    t = check_t(t, x_t)
+    if src == "flow":  # flow -> eps
+        return compute_once(
+            lambda x_t, flow, t: x_t + (1.0 - t) * flow,
+            *(x_t, pred, t),
+            dtype=x_t.dtype,
+            float32=_eps_from_flow_f32,
+        )
+    return compute_once(  # eps -> flow
+        lambda x_t, eps, t: (eps - x_t) / (1.0 - t).clamp_min(DENOM_MIN),
+        *(x_t, pred, t),
+        dtype=x_t.dtype,
+        float32=lambda x_t, eps, t: comp.div_one_minus(eps - x_t, t, DENOM_MIN),
+    )
 
 
 # The samplers live in their own file (one concern each) and join this module's namespace,

@@ -5,27 +5,21 @@ its first argument, and both compile with ``fullgraph=True``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen._rounding import round_once
 from fastgen.checks import check_float_tensor, check_pair, check_t, expand_like
-from fastgen.precision import compute_dtype, widen
+from fastgen.precision import compute_once
+from fastgen.pred_type import Param, check_param
 
 __all__ = ["VSD_WEIGHT_EPS", "dsm_loss", "gan_disc_loss", "gan_gen_loss", "r1_loss", "vsd_loss"]
 
 # DMD2's guard on the per-sample normaliser mean |gen - teacher_x0|.
 VSD_WEIGHT_EPS = 1e-6
 
-_PRED_TYPES = ("x0", "eps", "flow")
 
-
-def dsm_loss(
-    pred: Tensor, *, x0: Tensor, eps: Tensor, t: Tensor, pred_type: Literal["x0", "eps", "flow"]
-) -> Tensor:
+def dsm_loss(pred: Tensor, *, x0: Tensor, eps: Tensor, t: Tensor, pred_type: Param) -> Tensor:
     r"""Denoising score matching: mean squared error against the target of ``pred_type``.
 
     .. math::
@@ -52,19 +46,16 @@ def dsm_loss(
         >>> dsm_loss(torch.ones(2, 3), x0=x0, eps=eps, t=torch.rand(2), pred_type="flow")
         tensor(0.)
     """
-    if pred_type not in _PRED_TYPES:
-        raise ValueError(f"pred_type must be one of {_PRED_TYPES}, got {pred_type!r}")
+    check_param("pred_type", pred_type)
     check_pair("pred", pred, "x0", x0)
     check_pair("pred", pred, "eps", eps)
     check_t(t, pred)
-    wide = compute_dtype(pred.device)
-    if pred_type == "x0":
-        target = widen(x0, wide)
-    elif pred_type == "eps":
-        target = widen(eps, wide)
-    else:
-        target = widen(eps, wide) - widen(x0, wide)
-    return round_once(torch.mean((widen(pred, wide) - target) ** 2), pred.dtype)
+
+    def mse(pred: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
+        target = x0 if pred_type == "x0" else eps if pred_type == "eps" else eps - x0
+        return torch.mean((pred - target) ** 2)
+
+    return compute_once(mse, pred, x0, eps, dtype=pred.dtype)
 
 
 def vsd_loss(
@@ -107,18 +98,23 @@ def vsd_loss(
         raise ValueError(
             f"gen must have a batch dim and data dims (ndim >= 2), got {tuple(gen.shape)}"
         )
-    wide = compute_dtype(gen.device)
-    gen_w = widen(gen, wide)
-    with torch.no_grad():
-        teacher_w = widen(teacher_x0.detach(), wide)
-        diff = gen_w.detach() - teacher_w
-        norm = diff.abs().mean(dim=tuple(range(1, gen.ndim)), keepdim=True)
-        grad = (widen(fake_x0.detach(), wide) - teacher_w) / (norm + VSD_WEIGHT_EPS)
-        if additional_scale is not None:
-            check_float_tensor("additional_scale", additional_scale)
-            grad = grad * widen(expand_like(additional_scale.detach(), gen), wide)
-        target = gen_w.detach() - grad
-    return round_once(0.5 * torch.mean((gen_w - target) ** 2), gen.dtype)
+    scale = ()
+    if additional_scale is not None:
+        check_float_tensor("additional_scale", additional_scale)
+        scale = (expand_like(additional_scale.detach(), gen),)
+
+    def vsd(gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor, *scale: Tensor) -> Tensor:
+        with torch.no_grad():
+            norm = (
+                (gen.detach() - teacher_x0).abs().mean(dim=tuple(range(1, gen.ndim)), keepdim=True)
+            )
+            grad = (fake_x0 - teacher_x0) / (norm + VSD_WEIGHT_EPS)
+            if scale:
+                grad = grad * scale[0]
+            target = gen.detach() - grad
+        return 0.5 * torch.mean((gen - target) ** 2)
+
+    return compute_once(vsd, gen, teacher_x0.detach(), fake_x0.detach(), *scale, dtype=gen.dtype)
 
 
 def _check_logits(name: str, logits: object) -> None:
@@ -146,8 +142,7 @@ def gan_gen_loss(fake_logits: Tensor) -> Tensor:
         0.693147
     """
     _check_logits("fake_logits", fake_logits)
-    wide = compute_dtype(fake_logits.device)
-    return round_once(F.softplus(-widen(fake_logits, wide)).mean(), fake_logits.dtype)
+    return compute_once(lambda d: F.softplus(-d).mean(), fake_logits, dtype=fake_logits.dtype)
 
 
 def gan_disc_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -172,11 +167,11 @@ def gan_disc_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """
     _check_logits("real_logits", real_logits)
     _check_logits("fake_logits", fake_logits)
-    wide = compute_dtype(real_logits.device)
-    loss = (
-        F.softplus(widen(fake_logits, wide)).mean() + F.softplus(-widen(real_logits, wide)).mean()
+    return compute_once(
+        lambda real, fake: F.softplus(fake).mean() + F.softplus(-real).mean(),
+        *(real_logits, fake_logits),
+        dtype=real_logits.dtype,
     )
-    return round_once(loss, real_logits.dtype)
 
 
 def r1_loss(real_logits: Tensor, real_logits_perturbed: Tensor) -> Tensor:
@@ -203,6 +198,8 @@ def r1_loss(real_logits: Tensor, real_logits_perturbed: Tensor) -> Tensor:
     _check_logits("real_logits", real_logits)
     _check_logits("real_logits_perturbed", real_logits_perturbed)
     check_pair("real_logits", real_logits, "real_logits_perturbed", real_logits_perturbed)
-    wide = compute_dtype(real_logits.device)
-    diff = widen(real_logits, wide) - widen(real_logits_perturbed, wide)
-    return round_once(torch.mean(diff**2), real_logits.dtype)
+    return compute_once(
+        lambda real, perturbed: torch.mean((real - perturbed) ** 2),
+        *(real_logits, real_logits_perturbed),
+        dtype=real_logits.dtype,
+    )

@@ -15,13 +15,23 @@ compiled function recompiles once when it changes and never mixes the two.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["Precision", "compute_dtype", "get_precision", "set_precision", "use_precision", "widen"]
+from fastgen._rounding import round_once, round_pair
+
+__all__ = [
+    "Precision",
+    "compute_dtype",
+    "compute_once",
+    "get_precision",
+    "set_precision",
+    "use_precision",
+    "widen",
+]
 
 Precision = Literal["auto", "float64", "float32"]
 _PRECISIONS = ("auto", "float64", "float32")
@@ -102,3 +112,45 @@ def widen(x: Tensor, dtype: torch.dtype) -> Tensor:
     ):
         return x.to(torch.float32).to(torch.float64)
     return x.to(dtype)
+
+
+def compute_once(
+    formula: Callable[..., Tensor],
+    *inputs: Tensor | float,
+    dtype: torch.dtype,
+    float32: Callable[..., Tensor | tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    r"""Widen ``inputs`` to the compute dtype, evaluate ``formula`` there, round once to ``dtype``.
+
+    The one place fastgen's numerics contract is carried out. Under the float64 policy every
+    tensor input goes to float64 (exactly), ``formula`` runs there and the result is rounded
+    once (:func:`~fastgen._rounding.round_once`: correctly rounded to bf16/fp16 too). Under
+    the float32 policy the inputs stay float32 and ``float32`` (when given) runs instead: a
+    compensated form of the same formula that returns either a tensor or a pair
+    ``(hi, lo)`` of float32 tensors whose sum is the value, rounded once as that sum.
+
+    Args:
+        formula: The formula, on tensors in the compute dtype (Python floats pass through).
+        *inputs: Its arguments; tensors are widened, anything else is passed as it is. The
+            first tensor's device picks the compute dtype.
+        dtype: The output dtype.
+        float32: The float32 policy's form of ``formula`` (default: ``formula`` itself).
+
+    Returns:
+        ``formula(*inputs)`` in ``dtype``, rounded once.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1.0, 3.0], dtype=torch.bfloat16)
+        >>> compute_once(lambda a, b: a / b, x, 3.0, dtype=torch.bfloat16)
+        tensor([0.3340, 1.0000], dtype=torch.bfloat16)
+    """
+    device = next(x.device for x in inputs if isinstance(x, Tensor))
+    wide = compute_dtype(device)
+    args = [widen(x, wide) if isinstance(x, Tensor) else x for x in inputs]
+    if wide == torch.float32 and float32 is not None:
+        out = float32(*args)
+        if isinstance(out, tuple):
+            return round_pair(*out, dtype)
+        return round_once(out, dtype)
+    return round_once(formula(*args), dtype)

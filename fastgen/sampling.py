@@ -19,11 +19,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fastgen._rounding import round_once
-from fastgen.dmd.config import PredType
-from fastgen.dmd.pipeline import unwrap_output
+from fastgen.dmd.calls import NetworkCall, check_kwargs
 from fastgen.flow_matching import add_noise, convert_prediction, x0_to_eps
-from fastgen.precision import compute_dtype, widen
+from fastgen.pred_type import PredType, flow_name
 
 __all__ = ["sample"]
 
@@ -83,22 +81,14 @@ def sample(
         raise ValueError(f"t_list must hold at least 2 rungs and end in 0, got {ladder}")
     if mode not in ("ode", "sde"):
         raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
-    pred = "flow" if pred_type == "v" else pred_type
+    check_kwargs(model_kwargs)
+    pred = flow_name(pred_type)
+    call = NetworkCall(num_train_timesteps=num_train_timesteps)  # the pipeline's calls
     n, device = noise.shape[0], noise.device
     x = add_noise(torch.zeros_like(noise), noise, torch.full((n,), ladder[0], device=device))
-    if encoder_hidden_states is not None:
-        model_kwargs["encoder_hidden_states"] = encoder_hidden_states
     for t_now, t_next in itertools.pairwise(ladder):
         t = torch.full((n,), t_now, device=device, dtype=torch.float32)
-        # the pipeline's timestep: the float32 t, scaled in the compute dtype, rounded once
-        timestep = (
-            t
-            if num_train_timesteps is None
-            else round_once(
-                widen(t, compute_dtype(device)) * float(num_train_timesteps), torch.float32
-            )
-        )
-        raw = unwrap_output(model(hidden_states=x, timestep=timestep, **model_kwargs), "model")
+        raw = call(model, "model", x, t, encoder_hidden_states, model_kwargs)
         x0 = convert_prediction(raw, x, t, src=pred, dst="x0")
         if t_next == 0.0:
             return x0

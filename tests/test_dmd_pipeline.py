@@ -313,7 +313,7 @@ def test_backward_simulation_gives_each_sample_the_input_of_its_own_rung(monkeyp
             m.setattr(
                 torch, "randn_like", lambda x, **kw: queue.pop(0).to(kw.get("dtype") or x.dtype)
             )
-            return pipe._student_input(lat, noise, cond, {})
+            return pipe.student_input(lat, noise, cond)
 
     mixed = [0, 3, 1, 2, 3]
     x_mixed, t_mixed = run(mixed)
@@ -845,7 +845,7 @@ def test_backward_simulation_starts_from_fresh_noise_at_the_first_rung(monkeypat
     lat, noise, cond, _ = toy_batch(64)
     fresh = torch.randn(lat.shape, dtype=torch.float64)  # digits beyond float32
     monkeypatch.setattr(torch, "randn_like", lambda x, **kw: fresh.to(kw.get("dtype") or x.dtype))
-    pipe._student_input(lat, noise, cond, {})
+    pipe.student_input(lat, noise, cond)
     first = pipe.student.calls[0]
     assert torch.equal(first["hidden_states"], (fresh * LADDER[0]).float())
     assert torch.equal(first["timestep"], torch.full((64,), LADDER[0]))
@@ -1037,7 +1037,7 @@ def test_stratified_rungs_are_uniform_per_sample_in_groups_differing_by_one(n):
     draws = 4000
     counts = torch.zeros(n, 4)
     for _ in range(draws):
-        k = torch.tensor(_rung_of(pipe._student_input(lat, noise, None, {})[1]))
+        k = torch.tensor(_rung_of(pipe.student_input(lat, noise, None)[1]))
         group = torch.bincount(k, minlength=4)
         assert int(group.max() - group.min()) <= 1, group  # groups of n // 4 or n // 4 + 1
         counts[torch.arange(n), k] += 1
@@ -1064,7 +1064,7 @@ def test_stratified_unroll_starts_from_fresh_noise_rounded_once(monkeypatch):
     monkeypatch.setattr(
         torch, "randn", lambda size, **kw: fresh[: size[0]].to(kw.get("dtype") or torch.float32)
     )
-    pipe._student_input(lat, noise, cond, {})
+    pipe.student_input(lat, noise, cond)
     first = pipe.student.calls[0]
     assert torch.equal(first["hidden_states"], (fresh[:48] * LADDER[0]).float())
 
@@ -1088,7 +1088,7 @@ def test_stratified_unroll_gives_each_sample_its_rungs_input(monkeypatch, sample
         m.setattr(torch, "randn", lambda size, **kw: fresh[: size[0]].to(kw["dtype"]))
         queue = list(steps)
         m.setattr(torch, "randn_like", lambda x, **kw: queue.pop(0)[: x.shape[0]])
-        x_s, t_s = pipe._student_input(lat, noise, cond, {})
+        x_s, t_s = pipe.student_input(lat, noise, cond)
     k = _rung_of(t_s)
     # which sample sits in which unrolled row: the gathered conditioning tells
     first = pipe.student.calls[0]["encoder_hidden_states"]
@@ -1101,7 +1101,7 @@ def test_stratified_unroll_gives_each_sample_its_rungs_input(monkeypatch, sample
         m.setattr(torch, "randint", lambda lo, hi, size, **kw: torch.tensor(k))
         draws = [fresh[gather]] + [s[gather] for s in steps]
         m.setattr(torch, "randn_like", lambda x, **kw: draws.pop(0).to(kw.get("dtype") or x.dtype))
-        x_ref, t_ref = plain._student_input(lat, noise, cond, {})
+        x_ref, t_ref = plain.student_input(lat, noise, cond)
     assert torch.equal(t_s, t_ref)
     # batch composition changes the network's float32 rounding, nothing else
     torch.testing.assert_close(x_s, x_ref, rtol=1e-5, atol=1e-6)
@@ -1115,7 +1115,7 @@ def test_stratified_unroll_gathers_per_sample_keyword_arguments():
     lat, noise, cond, _ = toy_batch(6)
     pooled, shared = torch.arange(6.0)[:, None].expand(6, 3), torch.tensor(2.0)
     lens = torch.arange(6.0)  # one value per sample, 1-D
-    pipe._student_input(lat, noise, cond, {"pooled": pooled, "shared": shared, "lens": lens})
+    pipe.student_input(lat, noise, cond, pooled=pooled, shared=shared, lens=lens)
     for call in pipe.student.calls:
         index = call["pooled"][:, 0].long()  # the rows' sample numbers
         assert torch.equal(call["encoder_hidden_states"], cond[index])
@@ -1123,14 +1123,14 @@ def test_stratified_unroll_gathers_per_sample_keyword_arguments():
         assert call["shared"] is shared
     # a list as long as the batch is refused from 2 samples on; with 1 it is that sample's
     one = spy_pipeline(multistep(backward_simulation=True, rung_sampling="stratified"))
-    one._student_input(lat[:1], noise[:1], cond[:1], {"txt": [7]})
+    one.student_input(lat[:1], noise[:1], cond[:1], txt=[7])
     assert all(c["txt"] == [7] for c in one.student.calls)
     with pytest.raises(ValueError, match="not a list of 2"):
-        one._student_input(lat[:2], noise[:2], cond[:2], {"txt": [7, 8]})
+        one.student_input(lat[:2], noise[:2], cond[:2], txt=[7, 8])
     with pytest.raises(
         ValueError, match=r"pass 'lens' as a tensor \(batch first\), not a list of 6"
     ):
-        pipe._student_input(lat, noise, cond, {"lens": [1] * 6})
+        pipe.student_input(lat, noise, cond, lens=[1] * 6)
 
 
 def test_rung_sampling_is_checked():

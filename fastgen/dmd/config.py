@@ -15,10 +15,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fastgen.config import SampleTimestepConfig
+from fastgen.pred_type import PredType
 
 __all__ = ["DMDConfig", "DistillationConfig", "EMAConfig", "PredType"]
 
-PredType = Literal["x0", "eps", "v", "flow"]
 """A network's output parameterization; under rectified flow ``"v"`` is ``"flow"``."""
 
 

@@ -8,9 +8,8 @@ import torch
 from torch import Tensor
 
 from fastgen import _compensated as comp
-from fastgen._rounding import round_once, round_pair
 from fastgen.checks import check_pair, expand_like
-from fastgen.precision import compute_dtype, widen
+from fastgen.precision import compute_once
 
 __all__ = ["check_scale", "classifier_free_guidance"]
 
@@ -51,20 +50,20 @@ def classifier_free_guidance(cond: Tensor, uncond: Tensor, scale: float | Tensor
         tensor([[4.]])
     """
     check_pair("cond", cond, "uncond", uncond)
-    wide = compute_dtype(cond.device)
     if isinstance(scale, Tensor):
-        s = widen(expand_like(scale, cond), wide)
+        scale = expand_like(scale, cond)
     else:
         check_scale("scale", scale)
-        s = scale
-    cond_w, uncond_w = widen(cond, wide), widen(uncond, wide)
-    if wide == torch.float64:
-        return round_once(cond_w + (s - 1.0) * (cond_w - uncond_w), cond.dtype)
-    # float32: the difference and the product carried exactly (s - 1 rounded to float32 once).
-    s_minus_1 = (
-        s - 1.0
-        if isinstance(s, Tensor)
-        else torch.full((), s - 1.0, dtype=wide, device=cond.device)
+
+    def guided_f32(cond: Tensor, uncond: Tensor, s: Tensor | float) -> tuple[Tensor, Tensor]:
+        # The difference and the product carried exactly (s - 1 rounded to float32 once).
+        s_minus_1 = s - 1.0 if isinstance(s, Tensor) else torch.full_like(cond[:0].sum(), s - 1.0)
+        d, d_err = comp.two_sum(cond, -uncond)
+        return comp.add_prod(cond, s_minus_1, d, s_minus_1 * d_err)
+
+    return compute_once(
+        lambda cond, uncond, s: cond + (s - 1.0) * (cond - uncond),
+        *(cond, uncond, scale),
+        dtype=cond.dtype,
+        float32=guided_f32,
     )
-    d, d_err = comp.two_sum(cond_w, -uncond_w)
-    return round_pair(*comp.add_prod(cond_w, s_minus_1, d, s_minus_1 * d_err), cond.dtype)
