@@ -105,18 +105,19 @@ class NetworkCall:
     def forward(
         self,
         model: nn.Module,
+        role: str,
         x_t: Tensor,
         timestep: Tensor,
         encoder_hidden_states: Tensor | None,
         model_kwargs: dict[str, Any],
-    ) -> Any:
-        """The network call itself; returns what the network returns."""
+    ) -> Tensor:
+        """The network call itself: the prediction for ``x_t`` in its layout (unchecked)."""
         kwargs = dict(model_kwargs)
         kwargs["hidden_states"] = x_t
         kwargs["timestep"] = timestep
         if encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = encoder_hidden_states
-        return model(**kwargs)
+        return unwrap_output(model(**kwargs), role)
 
     def __call__(
         self,
@@ -133,8 +134,8 @@ class NetworkCall:
             TypeError: The network returned no tensor, or one of another dtype than ``x_t``.
             ValueError: Its prediction's shape differs from ``x_t``'s.
         """
-        out = self.forward(model, x_t, self.timestep(t, x_t), encoder_hidden_states, model_kwargs)
-        raw = unwrap_output(out, role)
+        timestep = self.timestep(t, x_t)
+        raw = self.forward(model, role, x_t, timestep, encoder_hidden_states, model_kwargs)
         check_pair(f"{role} output", raw, "hidden_states", x_t)
         return raw
 

@@ -16,7 +16,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["FeatureCapture", "attach_feature_capture", "feature_capture_of"]
+__all__ = [
+    "FeatureCapture",
+    "attach_feature_capture",
+    "feature_capture_of",
+    "remove_feature_capture",
+]
 
 _ATTR = "_fastgen_feature_capture"
 
@@ -34,6 +39,7 @@ class FeatureCapture:
         *,
         blocks: str | None = None,
         output_index: int | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if isinstance(taps, (str, int)) or len(taps) == 0:
             raise ValueError(
@@ -52,6 +58,7 @@ class FeatureCapture:
             else:
                 self.names.append(tap)
         self.output_index = output_index
+        self.transform = transform
         self._sink: list[Tensor | None] | None = None
         self._handles = []
         modules = dict(model.named_modules())
@@ -72,7 +79,7 @@ class FeatureCapture:
                     f"tapped block {self.names[i]!r} returned {type(output).__name__}; set "
                     "output_index to pick the tensor out of its output"
                 )
-            sink[i] = output
+            sink[i] = output if self.transform is None else self.transform(output)
 
         return hook
 
@@ -108,6 +115,7 @@ def attach_feature_capture(
     *,
     blocks: str | None = None,
     output_index: int | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> FeatureCapture:
     """Tap blocks of ``model`` (the teacher) for the discriminator.
 
@@ -118,6 +126,8 @@ def attach_feature_capture(
         blocks: Name of the ModuleList that integer taps index (``"transformer_blocks"``).
         output_index: For blocks that return a tuple, which element is the feature (diffusers'
             SD3/Flux joint blocks return ``(encoder_hidden_states, hidden_states)``: use 1).
+        transform: Applied to each captured feature (for example tokens ``[B, N, C]`` to a
+            grid ``[B, C, h, w]``, :func:`fastgen.plugins.qwen_image.attach_feature_capture`).
 
     Returns:
         The capture; :class:`~fastgen.dmd.DMDPipeline` finds it on the teacher.
@@ -140,7 +150,9 @@ def attach_feature_capture(
     previous = feature_capture_of(model)
     if previous is not None:
         previous.remove()
-    capture = FeatureCapture(model, taps, blocks=blocks, output_index=output_index)
+    capture = FeatureCapture(
+        model, taps, blocks=blocks, output_index=output_index, transform=transform
+    )
     object.__setattr__(model, _ATTR, capture)
     return capture
 
@@ -152,3 +164,15 @@ def feature_capture_of(model: nn.Module) -> FeatureCapture | None:
         if capture is not None:
             return capture
     return None
+
+
+def remove_feature_capture(model: nn.Module) -> None:
+    """Remove the capture attached to ``model`` (its hooks and the reference); a no-op when
+    there is none."""
+    capture = feature_capture_of(model)
+    if capture is None:
+        return
+    capture.remove()
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if m is not None and getattr(m, _ATTR, None) is capture:
+            object.__delattr__(m, _ATTR)

@@ -265,6 +265,14 @@ class DMDPipeline:
                 uncond = self._x0(raw_uncond, x_t_wide, t)
         return classifier_free_guidance(teacher_x0, uncond, scale), features
 
+    def distribution_matching_loss(
+        self, gen: Tensor, teacher_x0: Tensor, fake_x0: Tensor
+    ) -> Tensor:
+        """The student's distribution-matching term: :func:`fastgen.vsd_loss` of its x0 against
+        the (guided) teacher's and the fake score's. A subclass may change the term (a
+        per-sample ``additional_scale``, another weighting); it runs inside the compiled loss."""
+        return vsd_loss(gen, teacher_x0, fake_x0)
+
     def _logits_without_weight_grads(self, features: list[Tensor]) -> Tensor:
         """Discriminator logits whose gradient reaches the features but not its weights."""
         disc = self.discriminator
@@ -348,7 +356,7 @@ class DMDPipeline:
         teacher_x0, features = self._guided_teacher_x0(
             x_t, x_t_wide, t, ehs, model_kwargs, scale, negative_encoder_hidden_states, neg_kwargs
         )
-        vsd = vsd_loss(gen, teacher_x0, fake_x0)
+        vsd = self.distribution_matching_loss(gen, teacher_x0, fake_x0)
         if not self._gan:
             return {"vsd": vsd, "total": vsd}
         gan_gen = gan_gen_loss(self._logits_without_weight_grads(features))
