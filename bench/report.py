@@ -1,6 +1,7 @@
 """Turn a pytest-benchmark JSON into a Markdown table and a PNG plot.
 
 python bench/report.py bench/results/cpu.json            # writes cpu.md and cpu.png beside it
+python bench/report.py --site docs/benchmarks.md bench/results/*.json   # the docs' benchmarks page
 """
 
 from __future__ import annotations
@@ -126,21 +127,71 @@ def plot(series: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
-    parser.add_argument("--title", default=None)
-    parser.add_argument(
-        "--compact",
-        action="store_true",
-        help="rewrite the JSON without the per-round timings (stats stay): MBs -> KBs, for committing",
+def dmd_table(benches: list[dict]) -> str:
+    """The DMD2 update: one row per (case, dtype), one column per implementation."""
+    picked = [b for b in benches if b["name"].startswith("test_dmd2_update")]
+    if not picked:
+        return ""
+    impls = list(dict.fromkeys(b["extra_info"]["impl"] for b in picked))
+    rows = defaultdict(dict)
+    for b in picked:
+        e = b["extra_info"]
+        rows[(e["case"], e["dtype"].replace("torch.", ""))][e["impl"]] = (b["stats"]["median"], e)
+    out = ["| update | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
+    for (case, dtype), cells in rows.items():
+        row = []
+        for impl in impls:
+            if impl not in cells:
+                row.append("–")
+                continue
+            median, e = cells[impl]
+            ratio = e.get("speedup_vs_modelopt_eager")
+            row.append(
+                f"{fmt_time(median)}"
+                + (f" ({ratio:.2f}×)" if ratio is not None else "")
+                + f", {e['peak_mib']:.1f} MiB"
+            )
+        out.append(f"| {case}, {dtype} | " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+def checkpoint_table(benches: list[dict]) -> str:
+    picked = [b for b in benches if b["name"].startswith("test_checkpoint")]
+    if not picked:
+        return ""
+    out = [
+        "| case | median | × the torch.save / torch.load reference | peak extra memory (× state) |",
+        "|---|---:|---:|---:|",
+    ]
+    for b in picked:
+        e = b.get("extra_info", {})
+        ratio = e.get("time_over_torch_save", e.get("time_over_torch_load"))
+        out.append(
+            f"| {b['name'].removeprefix('test_checkpoint_')} | {fmt_time(b['stats']['median'])} | "
+            f"{fmt(ratio, '.2f')} | {fmt(e.get('peak_extra_over_state'), '.2f')} |"
+        )
+    return "\n".join(out)
+
+
+def trainer_table(benches: list[dict]) -> str:
+    picked = [b for b in benches if b["name"].startswith("test_trainer_overhead")]
+    if not picked:
+        return ""
+    e = picked[0]["extra_info"]
+    return "\n".join(
+        [
+            "| bare compiled losses (median per iteration) | through the Trainer | overhead |",
+            "|---:|---:|---:|",
+            f"| {e['bare_median_ms']:.1f} ms | {e['trainer_median_ms']:.1f} ms | "
+            f"{e['overhead_median']:.1%} |",
+        ]
     )
-    args = parser.parse_args()
-    data, benches = load(args.json)
-    if args.compact:
-        for b in benches:
-            b["stats"].pop("data", None)
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def render(data: dict, title: str, level: int = 2) -> tuple[str, dict]:
+    """The Markdown for one results JSON (its headings at ``level``) and the plot's series."""
+    benches = data["benchmarks"]
+    h = "#" * level
     table, series = elementwise_table(benches)
     sampling = simple_table(
         benches,
@@ -155,11 +206,6 @@ def main() -> None:
             ("overhead % (minima)", "helpers_overhead_percent_min", ".1f"),
         ],
     )
-    dmd = simple_table(
-        benches,
-        "test_dmd2_update",
-        [("peak MiB", "peak_mib", ".1f"), ("× modelopt eager", "speedup_vs_modelopt_eager", ".2f")],
-    )
     inter = [b for b in benches if b["name"].startswith("test_training_step_overhead_interleaved")]
     if inter:
         e = inter[0]["extra_info"]
@@ -170,25 +216,93 @@ def main() -> None:
             f"**{e['helpers_overhead_percent_given_noise']:.1f}%** for the helpers, "
             f"{e['helpers_overhead_percent']:.1f}% when the step also draws its noise (`randn`)."
         )
-    md = [
-        f"## {args.title or args.json.stem}",
-        "",
-        header(data),
-        "",
-        "### Elementwise primitives",
-        "",
-        table,
+    sections = [
+        ("Elementwise primitives", table if series else ""),
+        ("Timestep sampling", sampling),
+        ("Compiled training step", step),
+        (
+            "DMD2 update (student + fake score), toy DiT: median, × modelopt eager, peak",
+            dmd_table(benches),
+        ),
+        ("Checkpoints, ~100M parameters", checkpoint_table(benches)),
+        ("Trainer overhead", trainer_table(benches)),
     ]
-    if sampling:
-        md += ["", "### Timestep sampling", "", sampling]
-    if step:
-        md += ["", "### Compiled training step", "", step]
-    if dmd:
-        md += ["", "### DMD2 update (student + fake score), toy DiT", "", dmd]
-    out_md = args.json.with_suffix(".md")
-    out_md.write_text("\n".join(md) + "\n")
-    plot(series, args.json.with_suffix(".png"), args.title or args.json.stem)
-    print(f"wrote {out_md} and {args.json.with_suffix('.png')}")
+    md = [f"{h} {title}", "", header(data)]
+    for name, body in sections:
+        if body:
+            md += ["", f"{h}# {name}", "", body]
+    return "\n".join(md) + "\n", series
+
+
+SITE_INTRO = """# Benchmarks
+
+Generated by `python bench/report.py --site docs/benchmarks.md bench/results/*.json` from the
+committed runs in `bench/results/`; every figure below is read from those JSON files (one
+pytest-benchmark run each, ratios measured within the run). `tests/test_docs.py` checks that
+this page matches them.
+
+What is timed (`bench/`, pytest-benchmark; compile and warm-up outside the timed region):
+
+- `test_elementwise.py`: every primitive, eager and compiled, against a `clone()` of the same
+  bytes (the copy-bandwidth reference) and an eager FastGen-style `forward_process` (the anchor);
+  GB/s, fraction of copy bandwidth, speedups and the peak extra memory of one call.
+- `test_sampling.py`: `sample_timesteps` per call, eager and compiled.
+- `test_step.py`: a compiled DiT-style training step with and without fastgen's helpers.
+- `test_dmd_step.py`: one student and one fake-score update of a toy DiT (4 layers, width 64,
+  batch 8, latents 4×16×16, CFG 3), modelopt eager beside fastgen eager and compiled, with
+  batched CFG, the float32 policy and stratified rungs.
+- `test_checkpoint.py`: `save_checkpoint`/`load_checkpoint` of ~100M parameters against
+  `torch.save` + `fsync` / `torch.load` of the same state.
+- `test_trainer.py`: the Trainer's cost over the bare compiled losses.
+
+Run them:
+
+    python -m pytest bench --benchmark-json bench/results/cpu.json     # full run
+    python bench/report.py bench/results/cpu.json --compact            # -> cpu.md, cpu.png
+    python -m pytest bench --benchmark-disable                         # smoke mode (CI)
+    bash bench/run_gpu.sh                                              # the same suite on a GPU
+
+No GPU run is committed: the GPU figures (fraction of copy bandwidth on an H200, the sampler
+under CUDA graphs) are not measured.
+"""
+
+
+def site(paths: list[Path]) -> str:
+    """The benchmarks page: the intro, then each results file's tables."""
+    parts = [SITE_INTRO]
+    for path in sorted(paths):
+        data, _ = load(path)
+        body, _ = render(data, f"`{path.name}`")
+        parts.append(body)
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, nargs="+")
+    parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="rewrite the JSON without the per-round timings (stats stay): MBs -> KBs, for committing",
+    )
+    parser.add_argument("--site", type=Path, help="write the benchmarks page of all the JSONs here")
+    args = parser.parse_args()
+    if args.site:
+        args.site.write_text(site(args.json))
+        print(f"wrote {args.site}")
+        return
+    for path in args.json:
+        data, benches = load(path)
+        if args.compact:
+            for b in benches:
+                b["stats"].pop("data", None)
+            path.write_text(json.dumps(data, indent=1) + "\n")
+        md, series = render(data, args.title or path.stem)
+        path.with_suffix(".md").write_text(md)
+        if series:
+            plot(series, path.with_suffix(".png"), args.title or path.stem)
+        print(f"wrote {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

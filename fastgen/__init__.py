@@ -1,11 +1,13 @@
-r"""fastgen: rectified-flow primitives for DMD2-style few-step distillation.
+r"""fastgen: DMD2-style few-step distillation of diffusion and flow models.
 
 Convention, stated once: :math:`x_t = (1 - t) x_0 + t \epsilon`, t in [0, 1] (t = 0 data,
-t = 1 noise), flow :math:`v = \epsilon - x_0`. All arithmetic in float64, rounded once to the
-output dtype; every public callable compiles with ``fullgraph=True`` and exports.
+t = 1 noise), flow :math:`v = \epsilon - x_0`. Each output is computed in the precision
+policy's dtype (float64 by default; float32 under ``set_precision("float32")``) and rounded
+once to the output dtype; every public callable compiles with ``fullgraph=True`` and exports.
 
 :mod:`fastgen.dmd` holds the DMD2 step (``DMDPipeline``, ``DMDConfig``, EMA, recipes), with the
-public names of ``modelopt.torch.fastgen``.
+public names of ``modelopt.torch.fastgen``; :mod:`fastgen.plugins` model families (Qwen-Image);
+:mod:`fastgen.compat.modelopt` modelopt's module layout; :mod:`fastgen.train` the trainer.
 """
 
 from fastgen.checkpoint import CheckpointInfo, latest_checkpoint, load_checkpoint, save_checkpoint

@@ -16,8 +16,8 @@ def round_once(x: Tensor, dtype: torch.dtype) -> Tensor:
     input in 2^29). Rounding to float32 *to odd* first (truncate, then set the last bit when
     inexact) keeps what the second rounding needs, so the result is correctly rounded. Eager
     mode does that with a float32 round trip; under ``torch.compile`` it works on float64's bits
-    (the same result; inductor's CPU code runs it about 1.4x faster, eager mode several times
-    slower), fused into the producer's kernel. Gradients are those of the plain cast. A float32
+    (the same result, the faster form there, fused into the producer's kernel; the benchmarks
+    page has the measurements). Gradients are those of the plain cast. A float32
     ``x`` (the float32 policy) is cast directly: one rounding already.
     """
     if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):

@@ -1,6 +1,9 @@
 r"""DMD2 losses: denoising score matching for the fake score, distribution matching for the
-generator, and the GAN terms. Float64 inside, like the rest of fastgen; each loss is a 0-d tensor in the dtype of
-its first argument, and both compile with ``fullgraph=True``.
+generator, and the GAN terms (generator, discriminator, approximate R1).
+
+Each is computed in the precision policy's dtype (float64 by default) and rounded once
+(:func:`fastgen.precision.compute_once`) to a 0-d tensor in the dtype of its first argument;
+each compiles with ``fullgraph=True``.
 """
 
 from __future__ import annotations

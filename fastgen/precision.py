@@ -100,10 +100,9 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def widen(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x`` in the compute ``dtype`` (exact: every bf16/fp16/float32 value is a float64 value).
 
-    Eager mode casts directly (torch 2.13's CPU kernels: bf16 -> float64 directly takes about
-    half the time of going through float32). Under ``torch.compile`` a bf16/fp16 value goes to
-    float64 through float32, which inductor's CPU code converts about 1.3x faster; the bits are
-    the same.
+    Eager mode casts directly; under ``torch.compile`` a bf16/fp16 value goes to float64
+    through float32, the faster of the two there (the measurements are on the benchmarks page).
+    The bits are the same either way.
     """
     if (
         dtype == torch.float64

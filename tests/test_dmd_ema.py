@@ -157,7 +157,7 @@ def test_ddp_is_looked_through(one_rank_group):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(TypeError, match=r"^cfg must be an EMAConfig, got dict$"):
+    with pytest.raises(TypeError, match=r"^config must be an EMAConfig, got dict$"):
         ExponentialMovingAverage(net(), {"decay": 0.9})
     with pytest.raises(TypeError, match=r"^model must be an nn.Module, got str$"):
         ExponentialMovingAverage("net", EMAConfig())

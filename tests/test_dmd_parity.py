@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from parity import close, pinned
 from toys import ToyDiT, ToyTokenDiscriminator, toy_batch
 
 import fastgen
@@ -34,23 +35,6 @@ def networks(seed=0):
     return student, teacher, fake
 
 
-def pinned(monkeypatch, pipe, t, draws, rung=None):
-    """Make ``pipe`` draw ``t``, the tensors in ``draws`` (in order) and rung ``rung``."""
-    queue = list(draws)
-    monkeypatch.setattr(pipe, "sample_timesteps", lambda n, device=None, dtype=torch.float32: t)
-
-    def randn_like(x, *, dtype=None, **kwargs):
-        assert queue, "drew more noise than pinned"
-        return queue.pop(0).to(dtype or x.dtype)
-
-    monkeypatch.setattr(torch, "randn_like", randn_like)
-    if rung is not None:
-        monkeypatch.setattr(
-            torch, "randint", lambda low, high, size, **kw: torch.full(size, rung, dtype=torch.long)
-        )
-    return queue
-
-
 def both(cfg_kwargs, seed=0, discriminator=None):
     student, teacher, fake = networks(seed)
     if discriminator is not None:
@@ -60,13 +44,6 @@ def both(cfg_kwargs, seed=0, discriminator=None):
         student, teacher, fake, mtf.DMDConfig(**cfg_kwargs), discriminator=discriminator
     )
     return ours, theirs
-
-
-def close(ours: dict, theirs: dict, rtol: float = 1e-6):
-    assert set(ours) == set(theirs)
-    for key in ours:
-        a, b = ours[key].double(), theirs[key].double()
-        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-9, msg=f"{key}: {a} vs {b}")
 
 
 def sample_cfg(kind="shifted", t_list=None):

@@ -39,3 +39,16 @@ def test_docs_have_python_examples():
 )
 def test_docs_example_runs(page, code):
     exec(compile(code, str(page), "exec"), {"__name__": "docs_example"})
+
+
+def test_benchmarks_page_is_generated_from_the_committed_results():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report", ROOT / "bench" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    results = sorted((ROOT / "bench" / "results").glob("*.json"))
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert page == report.site(results), "regenerate: python bench/report.py --site ..."
+    for path in results:  # every results file has its section
+        assert f"## `{path.name}`" in page

@@ -77,7 +77,7 @@ class ExponentialMovingAverage:
 
     Args:
         model: The network to track (DDP and ``torch.compile`` wrappers are looked through).
-        cfg: The schedule and the shadows' dtype.
+        config: The schedule and the shadows' dtype.
 
     Example:
         >>> import torch
@@ -92,10 +92,10 @@ class ExponentialMovingAverage:
         True
     """
 
-    def __init__(self, model: nn.Module, cfg: EMAConfig) -> None:
-        if not isinstance(cfg, EMAConfig):
-            raise TypeError(f"cfg must be an EMAConfig, got {type(cfg).__name__}")
-        self.config = cfg
+    def __init__(self, model: nn.Module, config: EMAConfig) -> None:
+        if not isinstance(config, EMAConfig):
+            raise TypeError(f"config must be an EMAConfig, got {type(config).__name__}")
+        self.config = cfg = config
         model = _unwrap(model)
         self._shadow: dict[str, Tensor] = {}
         self._buffers: dict[str, Tensor] = {}
