@@ -1,5 +1,7 @@
-"""The ``fastgen`` command: ``fastgen distill RUN.yaml [--set k=v ...] [--fresh]`` and
-``fastgen recipes``. Runs under ``torchrun --nproc_per_node=N`` too.
+"""The ``fastgen`` command: ``fastgen distill RUN.yaml [--set k=v ...] [--fresh]``,
+``fastgen sample --student DIR --cache DIR --out FILE`` and ``fastgen recipes``. ``distill``
+runs under ``torchrun --nproc_per_node=N`` too, and exports a diffusers student to
+``out/export``.
 
 A bad run config, a missing path or a failed import is one line on stderr naming the key or the
 path, and exit status 2; a loss that turns NaN or inf stops the run with exit status 1.
@@ -12,6 +14,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -60,22 +63,19 @@ def _distill(args: argparse.Namespace) -> int:
         raise UsageError(_validation_line(err, f"{args.config}: dmd.")) from None
     except FileNotFoundError as err:
         raise UsageError(f"recipe: {err}") from None
-    if run.model is None:
+    if run.model is None and run.teacher is None:
         raise UsageError(
-            f"{args.config}: model: required ('module:function' building the networks)"
+            f"{args.config}: teacher: required (a diffusers model folder), or model: "
+            "('module:function' building the networks)"
         )
     if run.data is None:
-        raise UsageError(f"{args.config}: data: required ('module:function' giving batches)")
-    build, make_data = _import(run.model, "model"), _import(run.data, "data")
-    torch.manual_seed(run.seed or 0)  # the same initial weights on every rank
-    nets = build(run)
-    if not isinstance(nets, dict) or "teacher" not in nets:
-        raise UsageError("model: the function must return a dict with 'teacher'")
-    unknown = sorted(set(nets) - {"teacher", "student", "fake_score", "discriminator"})
-    if unknown:
-        raise UsageError(f"model: unexpected networks {unknown}")
+        raise UsageError(
+            f"{args.config}: data: required ({{cache, batch_size}} or 'module:function')"
+        )
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    data = make_data(run, rank, world)
+    data = _data(run, rank, world)
+    torch.manual_seed(run.seed or 0)  # the same initial weights on every rank
+    nets = _networks(run, dmd)
     try:
         trainer = Trainer(run, data=data, dmd=dmd, **nets)
     except (ValueError, TypeError) as err:  # the run config against the networks it got
@@ -87,12 +87,109 @@ def _distill(args: argparse.Namespace) -> int:
         return 1
     if trainer.main:
         print(f"done: {result['step']} steps in {run.out}")
+        student = trainer.ema_student()
+        if hasattr(student, "save_pretrained"):
+            from fastgen.train.folders import export_student
+
+            print(f"exported the student to {export_student(student, run.out, dmd)}")
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _networks(run: Any, dmd: Any) -> dict[str, Any]:
+    if run.teacher is not None:
+        import copy
+
+        import torch
+
+        from fastgen.train.folders import default_discriminator, load_teacher
+
+        try:
+            teacher = load_teacher(run.teacher)
+        except (OSError, ValueError) as err:
+            raise UsageError(_one_line(err)) from None
+        nets = {
+            "teacher": teacher,
+            "student": copy.deepcopy(teacher).to(torch.float32),
+            "fake_score": copy.deepcopy(teacher).to(torch.float32),
+        }
+        if dmd.gan_loss_weight_gen > 0:
+            try:
+                nets["discriminator"] = default_discriminator(teacher)
+            except ValueError as err:
+                raise UsageError(f"teacher: {err}") from None
+        return nets
+    nets = _import(run.model, "model")(run)
+    if not isinstance(nets, dict) or "teacher" not in nets:
+        raise UsageError("model: the function must return a dict with 'teacher'")
+    unknown = sorted(set(nets) - {"teacher", "student", "fake_score", "discriminator"})
+    if unknown:
+        raise UsageError(f"model: unexpected networks {unknown}")
+    return nets
+
+
+def _data(run: Any, rank: int, world: int) -> Any:
+    if isinstance(run.data, str):
+        return _import(run.data, "data")(run, rank, world)
+    from fastgen.cache import CacheError, LatentCache
+
+    try:
+        return LatentCache(run.data.cache, batch_size=run.data.batch_size, rank=rank,
+                           world=world, seed=run.seed or 0, shuffle=run.data.shuffle)  # fmt: skip
+    except CacheError as err:
+        raise UsageError(f"data.cache: {err}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastgen.cache import LatentCache
+    from fastgen.sampling import sample
+    from fastgen.train.folders import load_model, read_export
+    from fastgen.train.images import image_grid, write_png
+
+    try:
+        settings = read_export(args.student)
+        student = load_model(args.student, class_name=settings.get("class_name"), where="--student")
+        cache = LatentCache(args.cache, batch_size=args.samples, shuffle=False)
+    except (OSError, ValueError) as err:
+        raise UsageError(_one_line(err)) from None
+    batch = cache()
+    latents = batch.pop("latents")
+    kwargs = {k: v for k, v in batch.items() if not k.startswith("negative_")}
+    ehs = kwargs.pop("encoder_hidden_states", None)
+    t_list = settings["t_list"] if args.steps is None else _ladder(settings["t_list"], args.steps)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed))
+    student.eval()
+    x = sample(student, noise.to(latents.dtype), t_list, mode=settings["student_sample_type"],
+               pred_type=settings["pred_type"], num_train_timesteps=settings["num_train_timesteps"],
+               encoder_hidden_states=ehs, **kwargs)  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"samples": x, "t_list": t_list}, out.with_suffix(".pt"))
+    picture = x.ndim in (4, 5)  # images or video (first frame); packed tokens have none
+    if picture:
+        write_png(out.with_suffix(".png"), image_grid(x.float()))
+    print(f"wrote {len(x)} samples ({len(t_list) - 1} steps) to {out.with_suffix('.pt')}"
+          + (f" and {out.with_suffix('.png')}" if picture else ""))  # fmt: skip
+    return 0
+
+
+def _ladder(t_list: list[float], steps: int) -> list[float]:
+    """The first ``steps`` rungs of the student's ladder, then 0."""
+    if not 1 <= steps <= len(t_list) - 1:
+        raise UsageError(
+            f"--steps must be 1..{len(t_list) - 1} (the student's ladder), got {steps}"
+        )
+    return [*t_list[:steps], 0.0]
 
 
 def _recipes(args: argparse.Namespace) -> int:
@@ -122,6 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     distill.add_argument("--fresh", action="store_true",
                          help="start over instead of resuming from the run folder's checkpoints")  # fmt: skip
     distill.set_defaults(fn=_distill)
+    smp = sub.add_parser("sample", help="sample an exported student on a cache's conditioning")
+    smp.add_argument(
+        "--student", required=True, help="the exported student (out/export/transformer)"
+    )
+    smp.add_argument(
+        "--cache", required=True, help="a latent cache: its first samples' conditioning"
+    )
+    smp.add_argument(
+        "--out", required=True, help="the output (writes OUT.pt, and OUT.png for images)"
+    )
+    smp.add_argument("--samples", type=int, default=8, help="how many samples")
+    smp.add_argument(
+        "--steps", type=int, default=None, help="fewer steps than the student's ladder"
+    )
+    smp.add_argument("--seed", type=int, default=0, help="the noise's seed")
+    smp.set_defaults(fn=_sample)
     recipes = sub.add_parser("recipes", help="the built-in DMD2 recipes and their sources")
     recipes.set_defaults(fn=_recipes)
     args = parser.parse_args(argv)

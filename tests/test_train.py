@@ -179,7 +179,7 @@ def write_config(path: Path, **fields) -> Path:
         ({"recipe": "nope"}, [], r"recipe: no recipe file 'nope'"),
         ({"model": "no_such_module:f"}, [], r"model: cannot import 'no_such_module'"),
         ({"data": "train_toys:nothing"}, [], r"data: 'train_toys' has no function 'nothing'"),
-        ({"model": None}, [], r"model: required"),
+        ({"model": None}, [], r"teacher: required \(a diffusers model folder\), or model:"),
         ({}, ["parallel=ddp"], r"run.yaml: parallel: ddp runs under torchrun"),
     ],
     ids=["unknown-key", "bad-value", "bad-set-value", "dmd-typo", "bad-set", "recipe", "import",

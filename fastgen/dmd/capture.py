@@ -74,12 +74,14 @@ class FeatureCapture:
                 return
             if self.output_index is not None:
                 output = output[self.output_index]
+            if self.transform is not None:
+                output = self.transform(output)
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"tapped block {self.names[i]!r} returned {type(output).__name__}; set "
                     "output_index to pick the tensor out of its output"
                 )
-            sink[i] = output if self.transform is None else self.transform(output)
+            sink[i] = output
 
         return hook
 

@@ -8,16 +8,18 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fastgen.dmd.config import DMDConfig
 
 __all__ = [
+    "CacheConfig",
     "CheckpointConfig",
     "LogConfig",
     "OptimizerConfig",
     "OptimConfig",
     "RunConfig",
+    "TeacherConfig",
     "ValidationConfig",
     "apply_overrides",
     "load_run_config",
@@ -122,6 +124,43 @@ class ValidationConfig(BaseModel):
     """How many samples (from the first batches of the data, drawn once)."""
 
 
+class TeacherConfig(BaseModel):
+    """The teacher: a diffusers model folder, loaded with ``from_pretrained``."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, populate_by_name=True
+    )
+
+    path: str
+    """A model folder, a pipeline folder (with ``subfolder``), or a hub id."""
+
+    subfolder: str | None = None
+    """The network's folder inside a pipeline folder (``transformer``)."""
+
+    class_name: str | None = Field(None, alias="class")
+    """The diffusers class (``SD3Transformer2DModel``); by default the folder's
+    ``config.json`` ``_class_name``. Written ``class:`` in YAML."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The teacher's weights; student and fake score are float32 copies. bf16/fp16 halve the
+    teacher's memory and need ``precision: bf16``."""
+
+
+class CacheConfig(BaseModel):
+    """Batches from a latent cache folder (:mod:`fastgen.cache`)."""
+
+    model_config = _FROZEN
+
+    cache: str
+    """The cache folder: ``*.safetensors`` shards with ``latents`` and the conditioning."""
+
+    batch_size: int = Field(ge=1)
+    """Samples per batch on each rank."""
+
+    shuffle: bool = True
+    """A fresh permutation every epoch (seeded by ``seed``)."""
+
+
 class RunConfig(BaseModel):
     """One distillation run: the recipe, the optimization, the loop and its outputs.
 
@@ -147,13 +186,18 @@ class RunConfig(BaseModel):
     dmd: dict[str, Any] = Field(default_factory=dict)
     """:class:`~fastgen.DMDConfig` fields that override the recipe's."""
 
+    teacher: TeacherConfig | None = None
+    """The teacher from a diffusers model folder; student and fake score start as copies of it
+    (CLI; or ``model``)."""
+
     model: str | None = None
     """The networks, as ``"module:function"``: ``function(run)`` returns a dict with
-    ``teacher`` and optionally ``student``, ``fake_score``, ``discriminator`` (CLI)."""
+    ``teacher`` and optionally ``student``, ``fake_score``, ``discriminator`` (CLI; or
+    ``teacher``)."""
 
-    data: str | None = None
-    """The data, as ``"module:function"``: ``function(run, rank, world)`` returns a callable
-    that gives one batch dict per call (CLI)."""
+    data: CacheConfig | str | None = None
+    """The data: a latent cache (``{cache, batch_size}``), or ``"module:function"`` whose
+    ``function(run, rank, world)`` returns a callable that gives one batch dict per call (CLI)."""
 
     seed: int | None = 0
     """Seeds the networks' construction (every rank the same) and, offset by the rank, the
@@ -181,6 +225,21 @@ class RunConfig(BaseModel):
 
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     """Validation samples."""
+
+    @model_validator(mode="after")
+    def _one_source_of_networks(self) -> RunConfig:
+        if self.teacher is not None and self.model is not None:
+            raise ValueError("set teacher (a model folder) or model (a factory), not both")
+        if (
+            self.teacher is not None
+            and self.teacher.dtype != "float32"
+            and self.precision != "bf16"
+        ):
+            raise ValueError(
+                f"teacher.dtype {self.teacher.dtype} needs precision: bf16 (the student and fake "
+                "score train in float32 under autocast)"
+            )
+        return self
 
     def dmd_config(self) -> DMDConfig:
         """The recipe with ``dmd`` overrides, validated (errors name the field)."""

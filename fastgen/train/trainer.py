@@ -319,13 +319,17 @@ class Trainer:
             x = sample(self._ema_net, noise, ladder, mode=self.dmd.student_sample_type,
                        pred_type=self.dmd.pred_type, num_train_timesteps=self.dmd.num_train_timesteps,
                        encoder_hidden_states=ehs, **kwargs)  # fmt: skip
+            if x.ndim not in (4, 5):  # packed tokens (Flux): no picture, the samples are saved
+                rows.append(x.float().cpu())
+                continue
             grid = image_grid(x.float().cpu())
             rows.append(grid)
             if self._writer is not None:
                 self._writer.add_image(f"samples/{steps}_step", grid, done)
         folder = self.out / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        write_png(folder / f"step_{done:08d}.png", torch.cat(rows, dim=1))
+        if all(r.ndim == 3 and r.shape[0] == 3 for r in rows) and noise.ndim in (4, 5):
+            write_png(folder / f"step_{done:08d}.png", torch.cat(rows, dim=1))
         torch.save({f"{s}_step": r for s, r in zip(ladders, rows)}, folder / f"step_{done:08d}.pt")
 
     def _save(self, done: int) -> Path:

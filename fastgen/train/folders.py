@@ -1,0 +1,173 @@
+"""diffusers model folders in and out: the teacher from ``from_pretrained``, the distilled
+student to ``save_pretrained``.
+
+A teacher folder is any diffusers model folder (``config.json`` + weights), or the folder of a
+whole pipeline with ``subfolder`` naming its network (``transformer``). The class comes from the
+config's ``_class_name`` unless given. The export is ``out/export/transformer/`` (the EMA
+student, loadable with ``<Class>.from_pretrained``) and ``out/export/fastgen.json`` (its
+ladder, prediction type and timestep scale, which ``fastgen sample`` reads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastgen.dmd.capture import attach_feature_capture
+from fastgen.dmd.config import DMDConfig
+from fastgen.dmd.discriminator import Discriminator
+from fastgen.train.config import TeacherConfig
+
+__all__ = [
+    "default_discriminator",
+    "export_student",
+    "load_model",
+    "load_teacher",
+    "read_export",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_class(class_name: str | None, folder: Path, where: str) -> type:
+    import diffusers
+
+    if class_name is None:
+        config = folder / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{where}: no config.json in {str(folder)!r}")
+        try:
+            class_name = json.loads(config.read_text(encoding="utf-8"))["_class_name"]
+        except (ValueError, KeyError):
+            raise ValueError(f"{where}: {config} names no '_class_name'; set the class") from None
+    cls = getattr(diffusers, class_name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"{where}: diffusers has no model class {class_name!r}")
+    return cls
+
+
+def load_model(
+    path: str | Path,
+    *,
+    subfolder: str | None = None,
+    class_name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    where: str = "model",
+) -> nn.Module:
+    """A diffusers model from a folder (or a hub id, where the network allows).
+
+    Raises:
+        FileNotFoundError: A local folder without ``config.json``.
+        ValueError: No class name to be found, or one diffusers does not have.
+    """
+    folder = Path(path) / (subfolder or "")
+    local = Path(path).exists()
+    if local and not folder.is_dir():
+        raise FileNotFoundError(f"{where}: no folder {str(folder)!r}")
+    if local or class_name is not None:
+        cls = _model_class(class_name, folder, where)
+    else:  # a hub id: the class is read from the hub's config
+        import diffusers
+
+        cls = diffusers.AutoModel
+    # float32 is from_pretrained's own default: asking for it explicitly makes models with
+    # float32-kept modules (Wan) demand accelerate
+    kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    return cls.from_pretrained(str(path), subfolder=subfolder, **kwargs)
+
+
+def load_teacher(config: TeacherConfig) -> nn.Module:
+    """The run config's ``teacher`` (frozen by the pipeline)."""
+    return load_model(
+        config.path,
+        subfolder=config.subfolder,
+        class_name=config.class_name,
+        dtype=_DTYPES[config.dtype],
+        where="teacher",
+    )
+
+
+def _last_if_tuple(output: Any) -> Any:
+    # a joint (MMDiT) block returns (encoder_hidden_states, hidden_states): the image tokens
+    return output[-1] if isinstance(output, tuple) else output
+
+
+def default_discriminator(teacher: nn.Module, *, hidden: int = 128) -> nn.Module:
+    """The GAN branch's wiring for a diffusers transformer: a feature capture on the middle block
+    of its block list (``transformer_blocks``; ``blocks`` for Wan), on the image tokens, and a
+    token :class:`~fastgen.Discriminator` of the transformer's width.
+
+    Raises:
+        ValueError: The teacher has no block list, or its config gives no width.
+    """
+    for attr in ("transformer_blocks", "blocks"):
+        blocks = getattr(teacher, attr, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            break
+    else:
+        raise ValueError(
+            f"the GAN branch taps the teacher's blocks: {type(teacher).__name__} has no "
+            "transformer_blocks or blocks"
+        )
+    config = getattr(teacher, "config", None)
+    try:
+        width = int(config.num_attention_heads) * int(config.attention_head_dim)
+    except (AttributeError, TypeError):
+        raise ValueError(
+            f"{type(teacher).__name__}'s config gives no num_attention_heads * "
+            "attention_head_dim (the tapped tokens' width)"
+        ) from None
+    attach_feature_capture(teacher, [len(blocks) // 2], blocks=attr, transform=_last_if_tuple)
+    return Discriminator([width], layout="tokens", hidden=hidden)
+
+
+def export_student(student: nn.Module, out: str | Path, dmd: DMDConfig) -> Path:
+    """Save the (EMA) student as ``out/export/transformer`` and its sampling settings.
+
+    Args:
+        student: A plain copy of the student with the weights to export.
+        out: The run folder.
+        dmd: The run's DMD2 config (its ladder, ``pred_type``, timestep scale).
+
+    Returns:
+        The export folder ``out/export``.
+
+    Raises:
+        TypeError: The student is no diffusers model (it has no ``save_pretrained``).
+    """
+    if not hasattr(student, "save_pretrained"):
+        raise TypeError(
+            f"the student ({type(student).__name__}) has no save_pretrained: export needs a "
+            "diffusers model"
+        )
+    folder = Path(out) / "export"
+    student.save_pretrained(str(folder / "transformer"))
+    t_list = dmd.sample_t_cfg.t_list or [dmd.sample_t_cfg.max_t, 0.0]
+    settings = {
+        "t_list": list(t_list),
+        "pred_type": dmd.pred_type,
+        "num_train_timesteps": dmd.num_train_timesteps,
+        "student_sample_type": dmd.student_sample_type,
+        "class_name": type(student).__name__,
+    }
+    (folder / "fastgen.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    return folder
+
+
+def read_export(folder: str | Path) -> dict[str, Any]:
+    """The sampling settings next to an exported student (``fastgen.json``).
+
+    Raises:
+        FileNotFoundError: No ``fastgen.json`` in ``folder`` or its parent.
+    """
+    folder = Path(folder)
+    for candidate in (folder / "fastgen.json", folder.parent / "fastgen.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    raise FileNotFoundError(
+        f"no fastgen.json in {str(folder)!r} or its parent (an export of fastgen distill)"
+    )

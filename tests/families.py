@@ -1,0 +1,87 @@
+"""Tiny diffusers transformers of three families (SD3, Flux, Wan), saved with save_pretrained, and
+latent caches for them: what a user's model folder and cache look like, built in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastgen.cache import write_shard
+
+SD3 = dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+    caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=16,
+)  # fmt: skip
+FLUX = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+    num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=12,
+    guidance_embeds=False, axes_dims_rope=(2, 2, 4),
+)  # fmt: skip
+WAN = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+    rope_max_seq_len=32,
+)  # fmt: skip
+
+RECIPES = {"sd3": "dmd2_sd3", "flux": "dmd2_flux", "wan": "dmd2_wan21"}
+
+
+def build(family: str, seed: int = 0):
+    import diffusers
+
+    torch.manual_seed(seed)
+    if family == "sd3":
+        return diffusers.SD3Transformer2DModel(**SD3)
+    if family == "flux":
+        return diffusers.FluxTransformer2DModel(**FLUX)
+    return diffusers.WanTransformer3DModel(**WAN)
+
+
+def save_teacher(family: str, root: Path) -> Path:
+    """A pipeline-style folder ``root/teacher`` with the network in ``transformer/``."""
+    folder = Path(root) / "teacher"
+    build(family).save_pretrained(str(folder / "transformer"))
+    return folder
+
+
+def samples(family: str, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` samples of a cache for ``family``: latents, conditioning, negatives."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if family == "sd3":
+        return {
+            "latents": randn(n, 4, 8, 8),
+            "encoder_hidden_states": randn(n, 5, 16),
+            "pooled_projections": randn(n, 12),
+            "negative_encoder_hidden_states": torch.zeros(1, 5, 16),
+            "negative_pooled_projections": torch.zeros(1, 12),
+        }
+    if family == "flux":  # packed 4x4 tokens of 16 channels, rotary ids per sample
+        grid = torch.stack(
+            [torch.zeros(16), torch.arange(4.0).repeat_interleave(4), torch.arange(4.0).repeat(4)],
+            1,
+        )
+        return {
+            "latents": randn(n, 16, 16),
+            "encoder_hidden_states": randn(n, 5, 16),
+            "pooled_projections": randn(n, 12),
+            "img_ids": grid.expand(n, 16, 3).clone(),
+            "txt_ids": torch.zeros(n, 5, 3),
+        }
+    return {
+        "latents": randn(n, 4, 2, 8, 8),  # video: 2 frames
+        "encoder_hidden_states": randn(n, 5, 16),
+        "negative_encoder_hidden_states": torch.zeros(1, 5, 16),
+    }
+
+
+def write_cache(family: str, root: Path, shards: int = 2, per_shard: int = 4) -> Path:
+    folder = Path(root) / "cache"
+    for i in range(shards):
+        write_shard(folder / f"shard_{i:03d}", samples(family, per_shard, seed=i))
+    return folder

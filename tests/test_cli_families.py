@@ -1,0 +1,147 @@
+"""``fastgen distill`` on diffusers model folders and latent caches, end to end: tiny SD3, Flux
+and Wan transformers saved with save_pretrained, the family's built-in recipe, a resume, the
+export loaded back with from_pretrained, and ``fastgen sample`` on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from families import RECIPES, build, save_teacher, write_cache
+
+from fastgen.cli import main
+from fastgen.train.folders import load_model
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def run_yaml(tmp_path, family, **extra) -> str:
+    teacher = save_teacher(family, tmp_path)
+    cache = write_cache(family, tmp_path)
+    run = {
+        "out": str(tmp_path / "run"),
+        "steps": 2,
+        "recipe": RECIPES[family],
+        "teacher": {"path": str(teacher), "subfolder": "transformer"},
+        "data": {"cache": str(cache), "batch_size": 2},
+        "dmd": {"student_update_freq": 1, "ema": {"decay": 0.5}},
+        "checkpoint": {"every": 1},
+        "log": {"progress": False, "tensorboard": False},
+        **extra,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
+def test_distill_a_model_folder_resume_export_and_sample(tmp_path, family, capsys):
+    config = run_yaml(tmp_path, family)
+    assert main(["distill", config]) == 0
+    out = capsys.readouterr().out
+    assert "done: 2 steps" in out and "exported the student" in out
+    # rerun with more steps: resumes from the last checkpoint, not from scratch
+    assert main(["distill", config, "--set", "steps=3"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()
+    export = tmp_path / "run" / "export"
+    settings = json.loads((export / "fastgen.json").read_text())
+    cls = getattr(diffusers, settings["class_name"])
+    student = cls.from_pretrained(str(export / "transformer"))
+    assert type(student) is type(build(family))
+    teacher = load_model(tmp_path / "teacher", subfolder="transformer")
+    changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(student.state_dict().values(), teacher.state_dict().values())
+    )
+    assert changed  # the student trained
+    capsys.readouterr()
+    grid = tmp_path / "samples" / "grid"
+    code = main(["sample", "--student", str(export / "transformer"), "--cache",
+                 str(tmp_path / "cache"), "--out", str(grid), "--samples", "3"])  # fmt: skip
+    assert code == 0
+    saved = torch.load(grid.with_suffix(".pt"))
+    assert saved["samples"].shape[0] == 3 and torch.isfinite(saved["samples"]).all()
+    assert saved["t_list"] == settings["t_list"]
+    assert grid.with_suffix(".png").is_file() == (family != "flux")  # packed tokens: no picture
+
+
+def test_the_export_holds_the_ema_weights(tmp_path):
+    from fastgen.cache import LatentCache
+    from fastgen.train import Trainer, load_run_config
+    from fastgen.train.folders import export_student, load_teacher
+
+    run = load_run_config(run_yaml(tmp_path, "sd3", dmd={"gan_loss_weight_gen": 0.0,
+                                                         "ema": {"decay": 0.5}}))  # fmt: skip
+    data = LatentCache(run.data.cache, batch_size=2)
+    trainer = Trainer(run, teacher=load_teacher(run.teacher), data=data)
+    trainer.fit()
+    ema = trainer.ema_student()
+    folder = export_student(ema, run.out, trainer.dmd)
+    loaded = load_model(folder / "transformer")
+    for (name, a), b in zip(ema.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    shadow = trainer.pipeline.ema.state_dict()
+    assert all(torch.equal(shadow[k], v) for k, v in loaded.state_dict().items() if k in shadow)
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(
+            loaded.state_dict().values(), trainer.pipeline.student.state_dict().values()
+        )
+    )  # the EMA, not the last student
+
+
+def test_distill_compiled(tmp_path, capsys):
+    # GAN off: two compiled losses (inductor), the slowest test of this file
+    config = run_yaml(tmp_path, "sd3", compile=True, steps=1,
+                      dmd={"student_update_freq": 1, "gan_loss_weight_gen": 0.0})  # fmt: skip
+    assert main(["distill", config]) == 0
+    assert "done: 1 steps" in capsys.readouterr().out
+    assert (tmp_path / "run" / "export" / "transformer" / "config.json").is_file()
+
+
+def _break_cache_without_latents(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "cache" / "shard_000.safetensors").unlink()
+    save_file({"encoder_hidden_states": torch.zeros(2, 5, 16)},
+              str(tmp_path / "cache" / "shard_000.safetensors"))  # fmt: skip
+
+
+def _break_cache_batches(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"latents": torch.zeros(2, 4, 8, 8), "encoder_hidden_states": torch.zeros(3, 5, 16)},
+              str(tmp_path / "cache" / "shard_000.safetensors"))  # fmt: skip
+
+
+def _empty_cache(tmp_path):
+    for f in (tmp_path / "cache").iterdir():
+        f.unlink()
+
+
+def _teacher_without_config(tmp_path):
+    (tmp_path / "teacher" / "transformer" / "config.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, extra, message",
+    [
+        (_empty_cache, [], "data.cache: cache folder .* holds no \\*.safetensors shard"),
+        (None, ["--set", "data.cache=/nonexistent/cache"], "data.cache: no cache folder"),
+        (_break_cache_without_latents, [], "shard_000.safetensors: no 'latents'"),
+        (_break_cache_batches, [], "'encoder_hidden_states' has batch 3, 'latents' has 2"),
+        (_teacher_without_config, [], "teacher: no config.json in .*transformer"),
+        (None, ["--set", "teacher.class=NoSuchModel"], "teacher: diffusers has no model class"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, damage, extra, message):
+    import re
+
+    config = run_yaml(tmp_path, "sd3")
+    if damage is not None:
+        damage(tmp_path)
+    assert main(["distill", config, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
