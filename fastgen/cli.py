@@ -79,7 +79,7 @@ def _distill(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(run, data=data, dmd=dmd, **nets)
     except (ValueError, TypeError) as err:  # the run config against the networks it got
-        raise UsageError(f"{args.config}: {err}") from None
+        raise UsageError(f"{args.config}: {_one_line(err)}") from None
     try:
         result = trainer.fit(fresh=args.fresh)
     except NonFiniteLossError as err:

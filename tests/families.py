@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 
 from fastgen.cache import write_shard
 
@@ -85,3 +86,22 @@ def write_cache(family: str, root: Path, shards: int = 2, per_shard: int = 4) ->
     for i in range(shards):
         write_shard(folder / f"shard_{i:03d}", samples(family, per_shard, seed=i))
     return folder
+
+
+def run_yaml(tmp_path, family, **extra) -> str:
+    teacher = save_teacher(family, tmp_path)
+    cache = write_cache(family, tmp_path)
+    run = {
+        "out": str(tmp_path / "run"),
+        "steps": 2,
+        "recipe": RECIPES[family],
+        "teacher": {"path": str(teacher), "subfolder": "transformer"},
+        "data": {"cache": str(cache), "batch_size": 2},
+        "dmd": {"student_update_freq": 1, "ema": {"decay": 0.5}},
+        "checkpoint": {"every": 1},
+        "log": {"progress": False, "tensorboard": False},
+        **extra,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return str(path)

@@ -8,32 +8,12 @@ import json
 
 import pytest
 import torch
-import yaml
-from families import RECIPES, build, save_teacher, write_cache
+from families import build, run_yaml
 
 from fastgen.cli import main
 from fastgen.train.folders import load_model
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def run_yaml(tmp_path, family, **extra) -> str:
-    teacher = save_teacher(family, tmp_path)
-    cache = write_cache(family, tmp_path)
-    run = {
-        "out": str(tmp_path / "run"),
-        "steps": 2,
-        "recipe": RECIPES[family],
-        "teacher": {"path": str(teacher), "subfolder": "transformer"},
-        "data": {"cache": str(cache), "batch_size": 2},
-        "dmd": {"student_update_freq": 1, "ema": {"decay": 0.5}},
-        "checkpoint": {"every": 1},
-        "log": {"progress": False, "tensorboard": False},
-        **extra,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(run))
-    return str(path)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "wan"])

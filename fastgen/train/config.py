@@ -16,6 +16,7 @@ __all__ = [
     "CacheConfig",
     "CheckpointConfig",
     "LogConfig",
+    "LoraConfig",
     "OptimizerConfig",
     "OptimConfig",
     "RunConfig",
@@ -161,6 +162,22 @@ class CacheConfig(BaseModel):
     """A fresh permutation every epoch (seeded by ``seed``)."""
 
 
+class LoraConfig(BaseModel):
+    """LoRA adapters on the student and the fake score (``peft``); their base weights freeze."""
+
+    model_config = _FROZEN
+
+    rank: int = Field(16, ge=1)
+    """The adapters' rank ``r``."""
+
+    alpha: float | None = Field(None, gt=0.0)
+    """The scale's numerator: updates are scaled by ``alpha / rank`` (``None``: ``rank``)."""
+
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Names (or name suffixes) of the layers that get adapters: diffusers' attention
+    projections by default."""
+
+
 class RunConfig(BaseModel):
     """One distillation run: the recipe, the optimization, the loop and its outputs.
 
@@ -198,6 +215,10 @@ class RunConfig(BaseModel):
     data: CacheConfig | str | None = None
     """The data: a latent cache (``{cache, batch_size}``), or ``"module:function"`` whose
     ``function(run, rank, world)`` returns a callable that gives one batch dict per call (CLI)."""
+
+    lora: LoraConfig | None = None
+    """LoRA student and fake score instead of full fine-tuning; the export merges the adapter
+    and also saves it alone (peft's format)."""
 
     seed: int | None = 0
     """Seeds the networks' construction (every rank the same) and, offset by the rank, the

@@ -128,6 +128,9 @@ def default_discriminator(teacher: nn.Module, *, hidden: int = 128) -> nn.Module
 def export_student(student: nn.Module, out: str | Path, dmd: DMDConfig) -> Path:
     """Save the (EMA) student as ``out/export/transformer`` and its sampling settings.
 
+    A LoRA student is saved with its adapters merged, and the adapter alone in
+    ``out/export/lora`` (peft's format).
+
     Args:
         student: A plain copy of the student with the weights to export.
         out: The run folder.
@@ -144,7 +147,12 @@ def export_student(student: nn.Module, out: str | Path, dmd: DMDConfig) -> Path:
             f"the student ({type(student).__name__}) has no save_pretrained: export needs a "
             "diffusers model"
         )
+    from fastgen.train.lora import has_lora, merged, save_adapter
+
     folder = Path(out) / "export"
+    if has_lora(student):
+        save_adapter(student, folder / "lora")
+        student = merged(student)
     student.save_pretrained(str(folder / "transformer"))
     t_list = dmd.sample_t_cfg.t_list or [dmd.sample_t_cfg.max_t, 0.0]
     settings = {

@@ -29,6 +29,7 @@ from fastgen.dmd.pipeline import DMDPipeline
 from fastgen.sampling import sample
 from fastgen.train.config import OptimizerConfig, RunConfig
 from fastgen.train.images import image_grid, write_png
+from fastgen.train.lora import add_lora
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -47,6 +48,10 @@ def _blocks(net: nn.Module) -> list[nn.Module]:
             lists.append(name)
             found.extend(module)
     return found
+
+
+def _trainable(net: nn.Module) -> list[nn.Parameter]:
+    return [p for p in net.parameters() if p.requires_grad]
 
 
 def _lr_lambda(run: RunConfig, opt: OptimizerConfig) -> Callable[[int], float]:
@@ -113,15 +118,19 @@ class Trainer:
         device = self.device
         student = copy.deepcopy(teacher) if student is None else student
         fake_score = create_fake_score(teacher) if fake_score is None else fake_score
-        student.requires_grad_(True).train()
+        if run.lora is not None:  # only the adapters train
+            add_lora(student, run.lora)
+            add_lora(fake_score, run.lora)
+        else:
+            student.requires_grad_(True)
+        student.train()
         self._plain_student = student
         # A plain copy for validation samples of the EMA (made before any wrapping).
         self._ema_net = copy.deepcopy(student).requires_grad_(False).eval().to(device)
         nets = [teacher.to(device), student.to(device), fake_score.to(device)]
         if discriminator is not None:
             discriminator.to(device)
-        self._params = {"student": list(student.parameters()),
-                        "fake_score": list(fake_score.parameters())}  # fmt: skip
+        self._params = {"student": _trainable(student), "fake_score": _trainable(fake_score)}
         if discriminator is not None:
             self._params["discriminator"] = list(discriminator.parameters())
         if run.parallel == "fsdp2":
@@ -134,8 +143,8 @@ class Trainer:
                     fully_shard(block, mp_policy=mp)
                 fully_shard(net, mp_policy=mp)
             # the sharded parameters are new objects
-            self._params["student"] = list(student.parameters())
-            self._params["fake_score"] = list(fake_score.parameters())
+            self._params["student"] = _trainable(student)
+            self._params["fake_score"] = _trainable(fake_score)
         wrap = self._ddp if run.parallel == "ddp" else (lambda m: m)
         disc = None
         if discriminator is not None:
