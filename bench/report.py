@@ -188,6 +188,24 @@ def trainer_table(benches: list[dict]) -> str:
     )
 
 
+def lora_table(benches: list[dict]) -> str:
+    picked = [b for b in benches if b["name"].startswith("test_lora_memory")]
+    if not picked:
+        return ""
+    e = picked[0]["extra_info"]
+    full, lora = e["full"], e["lora"]
+    rows = [
+        ("trainable parameters (student)", "trainable_params", lambda v: f"{v:,}", "trainable_ratio"),
+        ("gradients + AdamW state", "grad_and_optimizer_bytes", lambda v: f"{v / 2**20:.1f} MiB", "state_ratio"),
+        ("peak resident memory of the process", "peak_rss_bytes", lambda v: f"{v / 2**20:.0f} MiB", "peak_rss_ratio"),
+        ("time per iteration", "seconds_per_iteration", lambda v: f"{v * 1e3:.0f} ms", "time_ratio"),
+    ]  # fmt: skip
+    out = ["| | full fine-tuning | LoRA | LoRA / full |", "|---|---:|---:|---:|"]
+    for label, key, show, ratio in rows:
+        out.append(f"| {label} | {show(full[key])} | {show(lora[key])} | {e[ratio]:.3f} |")
+    return "\n".join(out)
+
+
 def render(data: dict, title: str, level: int = 2) -> tuple[str, dict]:
     """The Markdown for one results JSON (its headings at ``level``) and the plot's series."""
     benches = data["benchmarks"]
@@ -226,6 +244,10 @@ def render(data: dict, title: str, level: int = 2) -> tuple[str, dict]:
         ),
         ("Checkpoints, ~100M parameters", checkpoint_table(benches)),
         ("Trainer overhead", trainer_table(benches)),
+        (
+            "LoRA against full fine-tuning (SD3 transformer, 55M parameters, rank 16)",
+            lora_table(benches),
+        ),
     ]
     md = [f"{h} {title}", "", header(data)]
     for name, body in sections:
@@ -254,6 +276,9 @@ What is timed (`bench/`, pytest-benchmark; compile and warm-up outside the timed
 - `test_checkpoint.py`: `save_checkpoint`/`load_checkpoint` of ~100M parameters against
   `torch.save` + `fsync` / `torch.load` of the same state.
 - `test_trainer.py`: the Trainer's cost over the bare compiled losses.
+- `test_lora.py`: LoRA (rank 16 on the attention projections) against full fine-tuning of an
+  SD3 transformer through the Trainer, each in its own process: trainable parameters, gradient
+  and optimizer bytes, peak resident memory, time per iteration.
 
 Run them:
 
