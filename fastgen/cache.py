@@ -21,15 +21,17 @@ permutation, and its position is a small dict saved in the run's checkpoints.
 from __future__ import annotations
 
 import bisect
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CacheError", "LatentCache", "write_shard"]
+__all__ = ["PLACEHOLDER_KEY", "CacheError", "LatentCache", "write_shard"]
 
 NEGATIVE = "negative_"
+PLACEHOLDER_KEY = "fastgen.latents"
 
 
 class CacheError(ValueError):
@@ -61,12 +63,17 @@ def _batch(value: Any, key: str, where: str) -> int:
     return int(shape[0])
 
 
-def write_shard(path: str | Path, tensors: dict[str, Tensor]) -> Path:
-    """Write one shard of a latent cache (checked against the format first).
+def write_shard(
+    path: str | Path, tensors: dict[str, Tensor], *, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write one shard of a latent cache (checked against the format first), whole: to a
+    temporary name, then renamed.
 
     Args:
         path: The shard's file (``.safetensors`` is appended when missing).
         tensors: ``latents`` and the conditioning, batch-first.
+        metadata: safetensors' string metadata (``{"fastgen.latents": "placeholder"}`` marks
+            ``latents`` that are zeros: a prompts-only cache).
 
     Returns:
         The file written.
@@ -89,7 +96,9 @@ def write_shard(path: str | Path, tensors: dict[str, Tensor]) -> Path:
         path = path.with_name(path.name + ".safetensors")
     _check_tensors(tensors, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    os.replace(tmp, path)
     return path
 
 
@@ -140,7 +149,7 @@ class LatentCache:
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.seed, self.shuffle = seed, shuffle
         self._handles = []
-        sizes, keys, shapes = [], None, {}
+        sizes, keys, shapes, placeholder = [], None, {}, []
         for path in self.files:
             try:
                 handle = safe_open(str(path), framework="pt")
@@ -159,7 +168,11 @@ class LatentCache:
                         f"{self.files[0].name} has {shapes[key]}"
                     )
             self._handles.append(handle)
+            placeholder.append((handle.metadata() or {}).get(PLACEHOLDER_KEY) == "placeholder")
         self.keys = keys
+        self.placeholder_latents = any(placeholder)
+        """Whether ``latents`` are zeros (a prompts-only cache): fine for 1-step and
+        backward-simulation students without the GAN branch, which never read them."""
         self._shared = {k for k in keys if k.startswith(NEGATIVE) and len(shapes) and
                         all(_shard_batch(h, k) == 1 for h in self._handles)}  # fmt: skip
         self._starts = [0]

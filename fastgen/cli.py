@@ -1,4 +1,5 @@
-"""The ``fastgen`` command: ``fastgen distill RUN.yaml [--set k=v ...] [--fresh]``,
+"""The ``fastgen`` command: ``fastgen cache --pipeline DIR --images DIR --out CACHE``,
+``fastgen distill RUN.yaml [--set k=v ...] [--fresh]``,
 ``fastgen sample --student DIR --cache DIR --out FILE`` and ``fastgen recipes``. ``distill``
 runs under ``torchrun --nproc_per_node=N`` too, and exports a diffusers student to
 ``out/export``.
@@ -74,6 +75,15 @@ def _distill(args: argparse.Namespace) -> int:
         )
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     data = _data(run, rank, world)
+    if getattr(data, "placeholder_latents", False) and (
+        dmd.gan_loss_weight_gen > 0
+        or (dmd.student_sample_steps > 1 and not dmd.backward_simulation)
+    ):
+        raise UsageError(
+            f"data.cache: {run.data.cache!r} holds placeholder latents (a prompts-only cache); "
+            "this recipe reads real latents (the GAN branch, or a multi-step student without "
+            "backward_simulation): encode images with fastgen cache --images"
+        )
     torch.manual_seed(run.seed or 0)  # the same initial weights on every rank
     nets = _networks(run, dmd)
     try:
@@ -91,7 +101,8 @@ def _distill(args: argparse.Namespace) -> int:
         if hasattr(student, "save_pretrained"):
             from fastgen.train.folders import export_student
 
-            print(f"exported the student to {export_student(student, run.out, dmd)}")
+            folder = export_student(student, run.out, dmd, run.teacher)
+            print(f"exported the student to {folder}")
     if world > 1:
         import torch.distributed as dist
 
@@ -183,6 +194,21 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from fastgen.train.encode import encode_cache
+
+    try:
+        result = encode_cache(args.pipeline, args.out, images=args.images, captions=args.captions,
+                              prompts=args.prompts, resolution=args.resolution,
+                              negative_prompt=args.negative_prompt, shard_size=args.shard_size,
+                              batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    except (OSError, ValueError) as err:
+        raise UsageError(_one_line(err)) from None
+    print(f"{result['samples']} samples in {args.out}: {result['shards']} shards written, "
+          f"{result['skipped']} already there")  # fmt: skip
+    return 0
+
+
 def _ladder(t_list: list[float], steps: int) -> list[float]:
     """The first ``steps`` rungs of the student's ladder, then 0."""
     if not 1 <= steps <= len(t_list) - 1:
@@ -219,6 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     distill.add_argument("--fresh", action="store_true",
                          help="start over instead of resuming from the run folder's checkpoints")  # fmt: skip
     distill.set_defaults(fn=_distill)
+    enc = sub.add_parser(
+        "cache", help="encode images and captions (or prompts) into a latent cache"
+    )
+    enc.add_argument(
+        "--pipeline", required=True, help="a diffusers pipeline folder (its VAE and text encoders)"
+    )
+    enc.add_argument("--out", required=True, help="the cache folder to write")
+    enc.add_argument(
+        "--images", help="an image folder with metadata.jsonl ({file_name, text} per line)"
+    )
+    enc.add_argument(
+        "--captions", help="the captions file, if not the image folder's metadata.jsonl"
+    )
+    enc.add_argument("--prompts", help="a text file, one prompt per line (placeholder latents)")
+    enc.add_argument("--resolution", type=int, default=512, help="square image side in pixels")
+    enc.add_argument("--negative-prompt", default="", help="the unconditional prompt (for CFG)")
+    enc.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    enc.add_argument("--batch-size", type=int, default=8, help="samples per encoder call")
+    enc.add_argument("--seed", type=int, default=0, help="the VAE's sampling seed")
+    enc.set_defaults(fn=_cache)
     smp = sub.add_parser("sample", help="sample an exported student on a cache's conditioning")
     smp.add_argument(
         "--student", required=True, help="the exported student (out/export/transformer)"

@@ -105,3 +105,70 @@ def run_yaml(tmp_path, family, **extra) -> str:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
     return str(path)
+
+
+def clip_tokenizer(folder: Path):
+    """A CLIP tokenizer over single letters, written to ``folder`` (no download)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters)]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
+
+
+def save_sd3_pipeline(root: Path) -> Path:
+    """A whole tiny StableDiffusion3Pipeline folder: two CLIP text encoders and tokenizers (no
+    T5), a VAE, the transformer and the scheduler, saved with save_pretrained."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    root = Path(root)
+    text = CLIPTextConfig(vocab_size=54, hidden_size=8, intermediate_size=16, projection_dim=8,
+                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=16, shift_factor=0.1, scaling_factor=1.5,
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=diffusers.SD3Transformer2DModel(**dict(SD3, pooled_projection_dim=16)),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(text),
+        tokenizer=clip_tokenizer(root / "tok"),
+        text_encoder_2=CLIPTextModelWithProjection(text),
+        tokenizer_2=clip_tokenizer(root / "tok"),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    folder = root / "sd3-pipeline"
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def image_folder(root: Path, n: int = 5, size: int = 16) -> Path:
+    """``n`` random RGB images and a ``metadata.jsonl`` of captions (the imagefolder layout)."""
+    import json
+
+    from PIL import Image
+
+    folder = Path(root) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (size + 4 * i, size, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"img_{i}.png")
+        lines.append(json.dumps({"file_name": f"img_{i}.png", "text": f"a picture number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

@@ -125,16 +125,24 @@ def default_discriminator(teacher: nn.Module, *, hidden: int = 128) -> nn.Module
     return Discriminator([width], layout="tokens", hidden=hidden)
 
 
-def export_student(student: nn.Module, out: str | Path, dmd: DMDConfig) -> Path:
+def export_student(
+    student: nn.Module, out: str | Path, dmd: DMDConfig, teacher: TeacherConfig | None = None
+) -> Path:
     """Save the (EMA) student as ``out/export/transformer`` and its sampling settings.
 
     A LoRA student is saved with its adapters merged, and the adapter alone in
-    ``out/export/lora`` (peft's format).
+    ``out/export/lora`` (peft's format). When the teacher came from a whole pipeline folder
+    (``model_index.json`` and a ``subfolder``), ``out/export/pipeline`` is a copy of it with the
+    student in that subfolder and a flow-matching scheduler that follows the student's ladder
+    as given (``shift=1``): ``DiffusionPipeline.from_pretrained`` loads it, and
+    ``pipe(..., num_inference_steps=K, sigmas=t_list[:-1], guidance_scale=1.0)`` samples as
+    the student was trained to.
 
     Args:
         student: A plain copy of the student with the weights to export.
         out: The run folder.
         dmd: The run's DMD2 config (its ladder, ``pred_type``, timestep scale).
+        teacher: The run config's teacher (for the pipeline folder).
 
     Returns:
         The export folder ``out/export``.
@@ -154,6 +162,10 @@ def export_student(student: nn.Module, out: str | Path, dmd: DMDConfig) -> Path:
         save_adapter(student, folder / "lora")
         student = merged(student)
     student.save_pretrained(str(folder / "transformer"))
+    if teacher is not None and teacher.subfolder is not None:
+        source = Path(teacher.path)
+        if (source / "model_index.json").is_file():
+            _export_pipeline(source, teacher.subfolder, student, folder / "pipeline")
     t_list = dmd.sample_t_cfg.t_list or [dmd.sample_t_cfg.max_t, 0.0]
     settings = {
         "t_list": list(t_list),
@@ -164,6 +176,24 @@ def export_student(student: nn.Module, out: str | Path, dmd: DMDConfig) -> Path:
     }
     (folder / "fastgen.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     return folder
+
+
+def _export_pipeline(source: Path, subfolder: str, student: nn.Module, target: Path) -> None:
+    import shutil
+
+    if target.exists():
+        shutil.rmtree(target)
+    # everything but the teacher's own weights, which the student's replace
+    shutil.copytree(
+        source, target, ignore=lambda d, names: names if Path(d) == source / subfolder else []
+    )
+    student.save_pretrained(str(target / subfolder))
+    config_file = target / "scheduler" / "scheduler_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+            config.update(shift=1.0, use_dynamic_shifting=False)  # the ladder's sigmas as given
+            config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def read_export(folder: str | Path) -> dict[str, Any]:
