@@ -86,8 +86,13 @@ def _distill(args: argparse.Namespace) -> int:
         )
     torch.manual_seed(run.seed or 0)  # the same initial weights on every rank
     nets = _networks(run, dmd)
+    call = None
+    if run.teacher is not None:
+        from fastgen.train.folders import call_for
+
+        call = call_for(type(nets["teacher"]).__name__)
     try:
-        trainer = Trainer(run, data=data, dmd=dmd, **nets)
+        trainer = Trainer(run, data=data, dmd=dmd, call=call, **nets)
     except (ValueError, TypeError) as err:  # the run config against the networks it got
         raise UsageError(f"{args.config}: {_one_line(err)}") from None
     try:
@@ -164,7 +169,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from fastgen.cache import LatentCache
     from fastgen.sampling import sample
-    from fastgen.train.folders import load_model, read_export
+    from fastgen.train.folders import call_for, load_model, read_export
     from fastgen.train.images import image_grid, write_png
 
     try:
@@ -182,7 +187,8 @@ def _sample(args: argparse.Namespace) -> int:
     student.eval()
     x = sample(student, noise.to(latents.dtype), t_list, mode=settings["student_sample_type"],
                pred_type=settings["pred_type"], num_train_timesteps=settings["num_train_timesteps"],
-               encoder_hidden_states=ehs, **kwargs)  # fmt: skip
+               encoder_hidden_states=ehs, call=call_for(type(student).__name__),
+               **kwargs)  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"samples": x, "t_list": t_list}, out.with_suffix(".pt"))

@@ -37,6 +37,7 @@ def sample(
     num_train_timesteps: int | None = None,
     encoder_hidden_states: Tensor | None = None,
     generator: torch.Generator | None = None,
+    call: NetworkCall | None = None,
     **model_kwargs: Any,
 ) -> Tensor:
     """Sample a few-step student along its ladder.
@@ -58,6 +59,9 @@ def sample(
         num_train_timesteps: Scale of the model's timestep (diffusers' 1000), or ``None``.
         encoder_hidden_states: Conditioning.
         generator: For the fresh noise of ``mode="sde"`` (eager only).
+        call: How the model is called, when not diffusers' standard keywords (Qwen-Image:
+            :class:`fastgen.plugins.qwen_image.QwenImageCall`); ``num_train_timesteps`` is then
+            the call's own.
         **model_kwargs: Passed to every model call.
 
     Returns:
@@ -83,7 +87,8 @@ def sample(
         raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
     check_kwargs(model_kwargs)
     pred = flow_name(pred_type)
-    call = NetworkCall(num_train_timesteps=num_train_timesteps)  # the pipeline's calls
+    if call is None:
+        call = NetworkCall(num_train_timesteps=num_train_timesteps)  # the pipeline's calls
     n, device = noise.shape[0], noise.device
     x = add_noise(torch.zeros_like(noise), noise, torch.full((n,), ladder[0], device=device))
     for t_now, t_next in itertools.pairwise(ladder):

@@ -26,7 +26,12 @@ WAN = dict(
     rope_max_seq_len=32,
 )  # fmt: skip
 
-RECIPES = {"sd3": "dmd2_sd3", "flux": "dmd2_flux", "wan": "dmd2_wan21"}
+QWEN = dict(
+    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+    num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(2, 2, 4),
+)  # fmt: skip
+
+RECIPES = {"sd3": "dmd2_sd3", "flux": "dmd2_flux", "wan": "dmd2_wan21", "qwen": "dmd2_qwen_image"}
 
 
 def build(family: str, seed: int = 0):
@@ -37,6 +42,8 @@ def build(family: str, seed: int = 0):
         return diffusers.SD3Transformer2DModel(**SD3)
     if family == "flux":
         return diffusers.FluxTransformer2DModel(**FLUX)
+    if family == "qwen":
+        return diffusers.QwenImageTransformer2DModel(**QWEN)
     return diffusers.WanTransformer3DModel(**WAN)
 
 
@@ -73,6 +80,14 @@ def samples(family: str, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "pooled_projections": randn(n, 12),
             "img_ids": grid.expand(n, 16, 3).clone(),
             "txt_ids": torch.zeros(n, 5, 3),
+        }
+    if family == "qwen":  # unpacked latents; the plugin packs them
+        mask = torch.ones(n, 5, dtype=torch.long)
+        mask[:, 4:] = 0
+        return {
+            "latents": randn(n, 4, 8, 6),
+            "encoder_hidden_states": randn(n, 5, 12),
+            "encoder_hidden_states_mask": mask,
         }
     return {
         "latents": randn(n, 4, 2, 8, 8),  # video: 2 frames

@@ -16,7 +16,7 @@ from fastgen.train.folders import load_model
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan", "qwen"])
 def test_distill_a_model_folder_resume_export_and_sample(tmp_path, family, capsys):
     config = run_yaml(tmp_path, family)
     assert main(["distill", config]) == 0

@@ -23,6 +23,7 @@ from fastgen.dmd.discriminator import Discriminator
 from fastgen.train.config import TeacherConfig
 
 __all__ = [
+    "call_for",
     "default_discriminator",
     "export_student",
     "load_model",
@@ -89,6 +90,16 @@ def load_teacher(config: TeacherConfig) -> nn.Module:
         dtype=_DTYPES[config.dtype],
         where="teacher",
     )
+
+
+def call_for(class_name: str) -> Any:
+    """The network call a diffusers class needs: Qwen-Image's packed one, or ``None`` (the
+    standard keywords)."""
+    if class_name == "QwenImageTransformer2DModel":
+        from fastgen.plugins.qwen_image import QwenImageCall
+
+        return QwenImageCall()
+    return None
 
 
 def _last_if_tuple(output: Any) -> Any:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastgen.dmd.calls import NetworkCall
 from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.factory import create_fake_score
 from fastgen.dmd.pipeline import DMDPipeline
@@ -88,6 +89,8 @@ class Trainer:
         discriminator: Required with the GAN branch (and a feature capture on the teacher).
         dmd: The DMD2 config (default: ``run.dmd_config()``).
         device: Where to train (default: this rank's CUDA device if there is one, else CPU).
+        call: How the networks are called (:class:`~fastgen.dmd.calls.NetworkCall`; Qwen-Image:
+            :class:`fastgen.plugins.qwen_image.QwenImageCall`), for training and samples.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Trainer:
         discriminator: nn.Module | None = None,
         dmd: DMDConfig | None = None,
         device: torch.device | str | None = None,
+        call: NetworkCall | None = None,
     ) -> None:
         if not isinstance(run, RunConfig):
             raise TypeError(f"run must be a RunConfig, got {type(run).__name__}")
@@ -150,7 +154,8 @@ class Trainer:
         if discriminator is not None:
             disc = self._ddp(discriminator) if run.parallel != "none" else discriminator
         self.pipeline = DMDPipeline(wrap(student), teacher, wrap(fake_score), self.dmd,
-                                    discriminator=disc)  # fmt: skip
+                                    discriminator=disc, call=call)  # fmt: skip
+        self._call = call
         self.optimizers = {}
         for name, params in self._params.items():
             o = getattr(run.optim, name)
@@ -327,7 +332,7 @@ class Trainer:
         for steps, ladder in ladders.items():
             x = sample(self._ema_net, noise, ladder, mode=self.dmd.student_sample_type,
                        pred_type=self.dmd.pred_type, num_train_timesteps=self.dmd.num_train_timesteps,
-                       encoder_hidden_states=ehs, **kwargs)  # fmt: skip
+                       encoder_hidden_states=ehs, call=self._call, **kwargs)  # fmt: skip
             if x.ndim not in (4, 5):  # packed tokens (Flux): no picture, the samples are saved
                 rows.append(x.float().cpu())
                 continue
