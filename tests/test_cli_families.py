@@ -141,3 +141,26 @@ def test_a_resumed_run_ends_bitwise_equal_to_a_straight_one(tmp_path):
     resumed = exported(tmp_path / "resumed", 1, 3, 4)  # the cache's position and RNG restored
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_distill_under_torchrun_reads_a_share_of_the_cache_per_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = run_yaml(tmp_path, "sd3", steps=2, parallel="ddp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "fastgen.cli", "distill", config],
+        capture_output=True, text=True, timeout=400, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("done: 2 steps") == 1  # rank 0 reports and exports
+    meta = json.loads(
+        (tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json").read_text()
+    )
+    assert meta["world_size"] == 2
+    assert (tmp_path / "run" / "export" / "transformer" / "config.json").is_file()
