@@ -46,8 +46,7 @@ from fastgen.modules import ParamConverter, RFForward, TimestepSampler
 from fastgen.precision import get_precision, set_precision, use_precision
 from fastgen.sampling import sample
 from fastgen.timesteps import make_t_list, resolution_shift, sample_from_t_list, sample_timesteps
-
-__version__ = "0.1.0"
+from fastgen.version import __version__ as __version__
 
 __all__ = [
     # flow-matching primitives (the spec)

@@ -40,6 +40,7 @@ from torch import nn
 from fastgen.dmd.pipeline import DMDPipeline
 from fastgen.dmd.state import check_state, load_network_state, network_state
 from fastgen.errors import CheckpointError
+from fastgen.version import __version__
 
 __all__ = ["CheckpointError", "CheckpointInfo", "latest_checkpoint", "load_checkpoint",
            "save_checkpoint"]  # fmt: skip
@@ -300,8 +301,6 @@ def save_checkpoint(
 
     import torch.distributed.checkpoint as dcp
 
-    import fastgen
-
     rank, world = _rank_world()
     final = Path(path)
     tmp = final.parent / f".{final.name}.tmp"
@@ -327,7 +326,7 @@ def save_checkpoint(
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "fastgen_version": fastgen.__version__,
+            "fastgen_version": __version__,
             "torch_version": torch.__version__,
             "step": step,
             "extra": extra_json,
