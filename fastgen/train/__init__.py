@@ -1,11 +1,16 @@
-"""The trainer: a run config and the DMD2 loop that ``fastgen distill`` runs."""
+"""The trainer: a run config and the DMD2 loop that ``fastgen distill`` runs; diffusers model
+folders in and out (:mod:`fastgen.train.folders`), LoRA (:mod:`fastgen.train.lora`) and
+``fastgen cache`` (:mod:`fastgen.train.encode`)."""
 
 from fastgen.train.config import (
+    CacheConfig,
     CheckpointConfig,
     LogConfig,
+    LoraConfig,
     OptimConfig,
     OptimizerConfig,
     RunConfig,
+    TeacherConfig,
     ValidationConfig,
     apply_overrides,
     load_run_config,
@@ -20,6 +25,9 @@ __all__ = [
     "CheckpointConfig",
     "LogConfig",
     "ValidationConfig",
+    "TeacherConfig",
+    "CacheConfig",
+    "LoraConfig",
     "load_run_config",
     "apply_overrides",
     # the loop
