@@ -76,10 +76,20 @@ def test_export_merges_the_adapter_and_saves_it_alone(tmp_path):
     torch.testing.assert_close(call(fresh, batch), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cli_with_lora_and_an_unknown_target(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan", "qwen"])
+def test_cli_with_lora_on_every_family(tmp_path, family):
+    config = run_yaml(tmp_path, family, lora={"rank": 2})
+    assert main(["distill", config]) == 0
+    assert main(["distill", config, "--set", "steps=3"]) == 0  # resumed
+    export = tmp_path / "run" / "export"
+    assert (export / "lora" / "adapter_model.safetensors").is_file()
+    merged = load_model(export / "transformer")
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_cli_with_an_unknown_lora_target(tmp_path, capsys):
     config = run_yaml(tmp_path, "sd3", lora={"rank": 2})
     assert main(["distill", config]) == 0
-    assert (tmp_path / "run" / "export" / "lora" / "adapter_model.safetensors").is_file()
     capsys.readouterr()
     assert main(["distill", config, "--fresh", "--set", "lora.target_modules=[nope]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
