@@ -173,8 +173,11 @@ class LatentCache:
         self.placeholder_latents = any(placeholder)
         """Whether ``latents`` are zeros (a prompts-only cache): fine for 1-step and
         backward-simulation students without the GAN branch, which never read them."""
-        self._shared = {k for k in keys if k.startswith(NEGATIVE) and len(shapes) and
-                        all(_shard_batch(h, k) == 1 for h in self._handles)}  # fmt: skip
+        # negative_ tensors of batch 1 in every shard: one row, expanded to each batch
+        self._shared = {
+            k for k in keys if k.startswith(NEGATIVE)
+            and all(_shard_batch(h, k) == 1 for h in self._handles)
+        }  # fmt: skip
         self._starts = [0]
         for n in sizes:
             self._starts.append(self._starts[-1] + n)

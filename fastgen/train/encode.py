@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastgen.cache import PLACEHOLDER_KEY, write_shard
-from fastgen.plugins.qwen_image import pack_latents
+from fastgen.plugins.qwen_image import pack_latents  # Flux packs 2x2 patches as Qwen-Image does
 
 __all__ = ["PLACEHOLDER", "SUPPORTED", "encode_cache", "load_pipeline", "read_images"]
 
