@@ -187,3 +187,73 @@ def image_folder(root: Path, n: int = 5, size: int = 16) -> Path:
         lines.append(json.dumps({"file_name": f"img_{i}.png", "text": f"a picture number {i}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def t5_tokenizer(folder: Path):
+    """A T5 tokenizer (unigram over letters) written to ``folder`` (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(c), -2.0) for c in range(ord("a"), ord("z") + 1)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.save(str(folder / "tokenizer.json"))
+    return T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<pad>",
+                           eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=512)  # fmt: skip
+
+
+def save_wan_pipeline(root: Path) -> Path:
+    """A whole tiny WanPipeline folder: a UMT5 text encoder, a T5 tokenizer, Wan's video VAE,
+    the transformer and the scheduler."""
+    import diffusers
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    root = Path(root)
+    text = UMT5Config(vocab_size=30, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8)  # fmt: skip
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                     temperal_downsample=[False], latents_mean=[0.1] * 4,
+                                     latents_std=[2.0] * 4)  # fmt: skip
+    pipe = diffusers.WanPipeline(
+        tokenizer=t5_tokenizer(root / "t5"), text_encoder=UMT5EncoderModel(text), vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=build("wan"),
+    )  # fmt: skip
+    folder = root / "wan-pipeline"
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def save_flux_pipeline(root: Path) -> Path:
+    """A whole tiny FluxPipeline folder: CLIP and T5 text encoders and tokenizers, a VAE, the
+    transformer (packed 2x2 patches of 4 latent channels) and the scheduler."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    root = Path(root)
+    clip = CLIPTextConfig(vocab_size=54, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                          eos_token_id=1, pad_token_id=1)  # fmt: skip
+    t5 = T5Config(vocab_size=30, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                  relative_attention_num_buckets=8)  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=16, shift_factor=0.1, scaling_factor=1.5,
+    )  # fmt: skip
+    transformer = diffusers.FluxTransformer2DModel(**dict(FLUX, pooled_projection_dim=8))
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModel(clip), tokenizer=clip_tokenizer(root / "clip"),
+        text_encoder_2=T5EncoderModel(t5), tokenizer_2=t5_tokenizer(root / "t5"),
+        transformer=transformer,
+    )  # fmt: skip
+    folder = root / "flux-pipeline"
+    pipe.save_pretrained(str(folder))
+    return folder

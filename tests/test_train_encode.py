@@ -1,6 +1,7 @@
-"""``fastgen cache`` on a tiny StableDiffusion3Pipeline built and saved locally (CLIP tokenizers
-made here, no downloads): images and captions through the pipeline's own VAE and text encoders
-into the cache format, resumable by shard; a prompts-only cache; then the three commands."""
+"""``fastgen cache`` on tiny StableDiffusion3, Flux and Wan pipelines built and saved locally (CLIP
+and T5 tokenizers made here, no downloads): images and captions through each pipeline's own VAE
+and text encoders into the cache format, resumable by shard; a prompts-only cache; then the
+three commands on each."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pytest
 import torch
 import yaml
-from families import image_folder, save_sd3_pipeline
+from families import image_folder, save_flux_pipeline, save_sd3_pipeline, save_wan_pipeline
 
 from fastgen.cache import LatentCache
 from fastgen.cli import main
@@ -150,3 +151,54 @@ def test_bad_cache_arguments_are_one_line(tmp_path, pipeline_folder, capsys, arg
 def test_a_folder_that_is_no_pipeline(tmp_path, capsys):
     assert main(["cache", "--pipeline", str(tmp_path), "--prompts", "x", "--out", "y"]) == 2
     assert "no model_index.json" in capsys.readouterr().err
+
+
+PIPELINES = {"wan": save_wan_pipeline, "flux": save_flux_pipeline}
+RECIPE = {"wan": "dmd2_wan21", "flux": "dmd2_flux"}
+
+
+def own_encoding(family, pipe, captions):
+    """The conditioning as the pipeline's own encode_prompt gives it."""
+    if family == "wan":
+        embeds, neg = pipe.encode_prompt(prompt=captions, negative_prompt=[""] * len(captions))
+        return {"encoder_hidden_states": embeds, "negative_encoder_hidden_states": neg}
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt=captions, prompt_2=None)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled,
+            "txt_ids": text_ids.expand(len(captions), *text_ids.shape)}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["wan", "flux"])
+def test_wan_and_flux_caches_then_distill_and_sample(tmp_path, family, capsys):
+    folder = PIPELINES[family](tmp_path)
+    images = image_folder(tmp_path, n=4)
+    cache = tmp_path / "cache"
+    assert main(["cache", "--pipeline", str(folder), "--images", str(images), "--out", str(cache),
+                 "--resolution", "16"]) == 0  # fmt: skip
+    batch = LatentCache(cache, batch_size=4, shuffle=False)()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder))
+    captions = [
+        json.loads(line)["text"] for line in (images / "metadata.jsonl").read_text().splitlines()
+    ]
+    with torch.no_grad():  # as fastgen cache encodes (attention kernels differ under grad)
+        own = own_encoding(family, pipe, captions)
+    for key, value in own.items():
+        torch.testing.assert_close(batch[key], value, msg=key)
+    latents = batch["latents"]
+    assert latents.shape == ((4, 4, 1, 8, 8) if family == "wan" else (4, 16, 16))  # Flux: packed
+    if family == "flux":
+        assert batch["img_ids"].shape == (4, 16, 3)
+        assert batch["img_ids"][0, 5].tolist() == [0.0, 1.0, 1.0]  # token 5 of a 4x4 grid
+    run = {
+        "out": str(tmp_path / "run"), "steps": 1, "recipe": RECIPE[family],
+        "teacher": {"path": str(folder), "subfolder": "transformer"},
+        "data": {"cache": str(cache), "batch_size": 2},
+        "dmd": {"student_update_freq": 1}, "log": {"progress": False, "tensorboard": False},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["distill", str(tmp_path / "run.yaml")]) == 0
+    export = tmp_path / "run" / "export"
+    assert main(["sample", "--student", str(export / "transformer"), "--cache", str(cache),
+                 "--out", str(tmp_path / "grid"), "--samples", "2"]) == 0  # fmt: skip
+    assert torch.isfinite(torch.load(tmp_path / "grid.pt")["samples"]).all()
+    loaded = diffusers.DiffusionPipeline.from_pretrained(str(export / "pipeline"))
+    assert loaded.scheduler.config.shift == 1.0
