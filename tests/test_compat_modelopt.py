@@ -117,6 +117,14 @@ def test_wiring_mistakes_raise_modelopts_runtime_errors():
         fastgen.DMDPipeline(Linear(), Linear(), Linear(), cfg, discriminator=nn.Identity())
 
 
+def test_the_pipelines_are_distillation_pipelines_as_in_modelopt():
+    for cls in (compat.DMDPipeline, compat.plugins.QwenImageDMDPipeline):
+        assert issubclass(cls, compat.DistillationPipeline) and issubclass(cls, fastgen.DMDPipeline)
+    assert issubclass(mtf.DMDPipeline, mtf.DistillationPipeline)
+    pipe = compat.DMDPipeline(Linear(), Linear(), Linear(), compat.DMDConfig())
+    assert pipe.sample_timesteps(3).shape == (3,) and pipe.dtype == torch.float32
+
+
 def test_create_fake_score_refuses_a_sharded_looking_teacher_with_runtime_error():
     teacher = nn.Linear(2, 2)
     teacher.weight.full_tensor = lambda: teacher.weight

@@ -18,6 +18,7 @@ from typing import Any
 import torch  # noqa: F401 (modelopt's module exposes torch; code patches dmd.torch.randn_like)
 from torch import Tensor, nn
 
+from fastgen.compat.modelopt.pipeline import DistillationPipeline
 from fastgen.dmd.calls import NetworkCall
 from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.pipeline import DMDPipeline as _DMDPipeline
@@ -47,8 +48,10 @@ class _ModelCall(NetworkCall):
         )
 
 
-class DMDPipeline(_DMDPipeline):
-    """:class:`fastgen.DMDPipeline` under modelopt's signature and exception types.
+class DMDPipeline(_DMDPipeline, DistillationPipeline):
+    """:class:`fastgen.DMDPipeline` under modelopt's signature and exception types; a
+    :class:`~fastgen.compat.modelopt.pipeline.DistillationPipeline`, as modelopt's is (fastgen's
+    ``device``, ``dtype`` and ``sample_timesteps`` come first).
 
     Args:
         student, teacher, fake_score, config, discriminator: As in modelopt.
