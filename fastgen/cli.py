@@ -240,8 +240,8 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fastgen`` console script."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastgen`` command line: its subcommands and their flags."""
     parser = argparse.ArgumentParser(prog="fastgen", description="DMD2 few-step distillation")
     sub = parser.add_subparsers(dest="command", required=True)
     distill = sub.add_parser("distill", help="run (or resume) a distillation from a run config")
@@ -289,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     smp.set_defaults(fn=_sample)
     recipes = sub.add_parser("recipes", help="the built-in DMD2 recipes and their sources")
     recipes.set_defaults(fn=_recipes)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastgen`` console script."""
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except UsageError as err:

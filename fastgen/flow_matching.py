@@ -1,5 +1,6 @@
 r"""Rectified-flow (RF) helpers: the forward process, the coefficients and the conversions between
-x0, eps and flow predictions (timestep sampling lives in :mod:`fastgen.timesteps`).
+x0, eps and flow predictions, and the two timestep samplers of the API (:func:`sample_timesteps`,
+:func:`sample_from_t_list`, defined in :mod:`fastgen.timesteps` and importable from both).
 
 This module intentionally does not define a NoiseScheduler class. It exposes the handful of
 primitives that DMD2 actually needs as plain functions, so callers can plug fastgen into any
@@ -43,6 +44,9 @@ from fastgen.checks import (
 from fastgen.precision import compute_once
 from fastgen.pred_type import Param, check_param
 
+# The API places the two samplers in this module; their code lives with the other samplers.
+from fastgen.timesteps import sample_from_t_list, sample_timesteps
+
 __all__ = [
     "DENOM_MIN",
     "add_noise",
@@ -52,6 +56,8 @@ __all__ = [
     "pred_x0_from_flow",
     "rf_alpha",
     "rf_sigma",
+    "sample_from_t_list",
+    "sample_timesteps",
     "set_value_checks",
     "x0_to_eps",
     "x0_to_flow",

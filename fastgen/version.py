@@ -1,3 +1,3 @@
 """fastgen's version (written into every checkpoint)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

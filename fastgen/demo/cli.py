@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> dict | None:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m fastgen.demo`` command line."""
     parser = argparse.ArgumentParser(prog="fastgen-demo", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--data", choices=sorted(JOBS), default="digits", help="the job (default: digits)"
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="start over instead of resuming from --out"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.checkpoint_every < 1:
         parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
