@@ -1,5 +1,5 @@
 """Sample-quality metrics: sliced W2 and mode statistics (ring); Fréchet distance and k-NN
-precision and recall in a classifier's feature space (digits)."""
+precision and recall in a classifier's feature space (digits), through :mod:`fastgen.eval`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 
+import fastgen.eval
 from fastgen.demo.data import MODE_STD, mode_centers
 
 
@@ -33,38 +34,12 @@ def ring_precision(samples: Tensor) -> float:
     return float(near_modes(samples).any(dim=1).float().mean())
 
 
-def _sqrtm_psd(m: Tensor) -> Tensor:
-    values, vectors = torch.linalg.eigh(m)
-    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
-
-
 def frechet_distance(a: Tensor, b: Tensor) -> float:
-    r"""Fréchet distance between Gaussian fits of two feature sets ``[N, D]``, in float64.
-
-    .. math::
-
-        \lVert \mu_a - \mu_b \rVert^2 + \operatorname{tr}\big(\Sigma_a + \Sigma_b
-        - 2 (\Sigma_a^{1/2} \Sigma_b \Sigma_a^{1/2})^{1/2}\big)
-    """
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    root_a = _sqrtm_psd(cov_a)
-    cross = _sqrtm_psd(root_a @ cov_b @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a + cov_b - 2 * cross))
+    """Fréchet distance between Gaussian fits of two feature sets (:mod:`fastgen.eval`)."""
+    return float(fastgen.eval.frechet_distance(a, b))
 
 
 def knn_precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the
-    union of balls reaching each point's k-th nearest neighbour in that set; precision is the
-    share of fake samples inside the real manifold, recall the share of real inside the fake."""
-
-    def radii(x: Tensor) -> Tensor:
-        d = torch.cdist(x, x)
-        return d.kthvalue(k + 1, dim=1).values  # the 0-th neighbour is the point itself
-
-    real, fake = real.double(), fake.double()
-    r_real, r_fake = radii(real), radii(fake)
-    precision = (torch.cdist(fake, real) <= r_real[None, :]).any(dim=1).double().mean()
-    recall = (torch.cdist(real, fake) <= r_fake[None, :]).any(dim=1).double().mean()
+    """Improved precision and recall (:func:`fastgen.eval.knn_precision_recall`)."""
+    precision, recall = fastgen.eval.knn_precision_recall(real, fake, k)
     return float(precision), float(recall)
