@@ -5,6 +5,7 @@ the field."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +76,28 @@ class OptimConfig(BaseModel):
 
     grad_clip: float | None = Field(1.0, gt=0.0)
     """Clip each network's gradient norm to this (``None``: no clipping, norms still logged)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_schedule(cls, data: Any) -> Any:
+        # Deprecated since 0.2.0: ``optim.schedule`` and ``optim.min_lr_ratio`` for all three
+        # networks at once (before per-network schedules). Still read, with a warning: each
+        # network's own setting, where it has one, wins.
+        if not isinstance(data, dict) or not {"schedule", "min_lr_ratio"} & data.keys():
+            return data
+        data = dict(data)
+        shared = {k: data.pop(k) for k in ("schedule", "min_lr_ratio") if k in data}
+        warnings.warn(
+            f"optim.{' and optim.'.join(shared)} is deprecated: set it per network "
+            f"(optim.student.{next(iter(shared))}, optim.fake_score..., optim.discriminator...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        for net in ("student", "fake_score", "discriminator"):
+            own = data.get(net) or {}
+            own = own.model_dump(exclude_unset=True) if isinstance(own, BaseModel) else dict(own)
+            data[net] = {**shared, **own}
+        return data
 
 
 class CheckpointConfig(BaseModel):
