@@ -165,6 +165,10 @@ def _one_line(err: BaseException) -> str:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    if args.pipeline is not None:
+        return _sample_pictures(args)
+    if args.cache is None:
+        raise UsageError("fastgen sample needs --cache DIR (or --pipeline DIR with --prompts FILE)")
     import torch
 
     from fastgen.cache import LatentCache
@@ -197,6 +201,79 @@ def _sample(args: argparse.Namespace) -> int:
         write_png(out.with_suffix(".png"), image_grid(x.float()))
     print(f"wrote {len(x)} samples ({len(t_list) - 1} steps) to {out.with_suffix('.pt')}"
           + (f" and {out.with_suffix('.png')}" if picture else ""))  # fmt: skip
+    return 0
+
+
+def _sample_pictures(args: argparse.Namespace) -> int:
+    """``--pipeline``: RGB pictures decoded by the pipeline's VAE, one PNG each and a grid."""
+    import torch
+
+    from fastgen.cache import LatentCache
+    from fastgen.train.decode import decode
+    from fastgen.train.evaluate import (
+        load_pipeline,
+        load_student,
+        read_prompts,
+        sample_student,
+        write_pictures,
+    )
+
+    if (args.cache is None) == (args.prompts is None):
+        raise UsageError("--pipeline needs one of --cache DIR and --prompts FILE")
+    try:
+        pipe = load_pipeline(args.pipeline)
+        student, settings = load_student(args.student, pipe)
+        if args.prompts is not None:
+            prompts = read_prompts(args.prompts)
+            prompts = (prompts * args.samples)[: args.samples]
+            resolution = args.resolution or int(getattr(pipe.vae.config, "sample_size", 0) or 512)
+            images, _, _ = sample_student(student, settings, pipe, prompts, seed=args.seed,
+                                          resolution=resolution, steps=args.steps)  # fmt: skip
+        else:
+            cache = LatentCache(args.cache, batch_size=args.samples, shuffle=False)
+            batch = cache()
+            latents = batch.pop("latents")
+            kwargs = {k: v for k, v in batch.items() if not k.startswith("negative_")}
+            ehs = kwargs.pop("encoder_hidden_states", None)
+            t_list = (
+                settings["t_list"]
+                if args.steps is None
+                else _ladder(settings["t_list"], args.steps)
+            )
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed))
+            from fastgen.sampling import sample
+            from fastgen.train.folders import call_for
+
+            with torch.no_grad():
+                x = sample(student, noise, t_list, mode=settings["student_sample_type"],
+                           pred_type=settings["pred_type"],
+                           num_train_timesteps=settings["num_train_timesteps"],
+                           encoder_hidden_states=ehs, call=call_for(type(student).__name__),
+                           **kwargs)  # fmt: skip
+            images = decode(pipe, x)
+    except (OSError, ValueError) as err:
+        raise UsageError(_one_line(err)) from None
+    grid = write_pictures(args.out, images)
+    h, w = images.shape[-2:]
+    print(f"wrote {len(images)} pictures ({w}x{h}) and {grid}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fastgen.train.evaluate import evaluate, read_prompts
+
+    try:
+        prompts = read_prompts(args.prompts)
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        result = evaluate(args.student, args.pipeline, prompts, args.out, metrics=metrics,
+                          clip=args.clip, fid_weights=args.fid_weights, reference=args.reference,
+                          seeds=args.seeds, teacher=not args.no_teacher,
+                          teacher_steps=args.teacher_steps, guidance_scale=args.guidance_scale,
+                          resolution=args.resolution, steps=args.steps, seed=args.seed)  # fmt: skip
+    except (OSError, ValueError) as err:
+        raise UsageError(_one_line(err)) from None
+    figures = {k: round(v, 4) for k, v in result["student"].items() if isinstance(v, float)}
+    print(f"wrote {args.out}/eval.json and report.md; student: {figures}")
     return 0
 
 
@@ -275,18 +352,53 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument(
         "--student", required=True, help="the exported student (out/export/transformer)"
     )
+    smp.add_argument("--cache", help="a latent cache: its first samples' conditioning")
     smp.add_argument(
-        "--cache", required=True, help="a latent cache: its first samples' conditioning"
+        "--pipeline", help="a pipeline folder: decode with its VAE (PNG per sample and a grid)"
     )
+    smp.add_argument("--prompts", help="with --pipeline: a text file, one prompt per line")
+    smp.add_argument("--resolution", type=int, default=None,
+                     help="with --prompts: the picture's side in pixels (default: the VAE's)")  # fmt: skip
     smp.add_argument(
-        "--out", required=True, help="the output (writes OUT.pt, and OUT.png for images)"
-    )
+        "--out", required=True,
+        help="the output: OUT.pt (and OUT.png) without --pipeline, a folder of PNGs with it",
+    )  # fmt: skip
     smp.add_argument("--samples", type=int, default=8, help="how many samples")
     smp.add_argument(
         "--steps", type=int, default=None, help="fewer steps than the student's ladder"
     )
     smp.add_argument("--seed", type=int, default=0, help="the noise's seed")
     smp.set_defaults(fn=_sample)
+    ev = sub.add_parser("eval", help="score an exported student (and its teacher) on prompts")
+    ev.add_argument(
+        "--student", required=True, help="the export folder (out/export) or its transformer"
+    )
+    ev.add_argument(
+        "--pipeline", required=True, help="the teacher's pipeline folder (VAE, text encoders)"
+    )
+    ev.add_argument("--prompts", required=True, help="a text file, one prompt per line")
+    ev.add_argument("--out", required=True, help="the folder for eval.json, report.md and pictures")
+    ev.add_argument("--metrics", default="clip,diversity,fid", help="any of clip, diversity, fid")
+    ev.add_argument("--clip", help="a local CLIP folder (transformers' CLIPModel and tokenizer)")
+    ev.add_argument(
+        "--fid-weights", help="a TorchScript feature network (e.g. inception-2015-12-05.pt)"
+    )
+    ev.add_argument("--reference", help="a folder of reference pictures for FID")
+    ev.add_argument("--seeds", type=int, default=4, help="noises per prompt (diversity needs 2+)")
+    ev.add_argument("--no-teacher", action="store_true", help="score the student alone")
+    ev.add_argument("--teacher-steps", type=int, default=None, help="default: the pipeline's")
+    ev.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="the teacher's CFG (default: the pipeline's)",
+    )
+    ev.add_argument(
+        "--resolution", type=int, default=None, help="picture side in pixels (default: the VAE's)"
+    )
+    ev.add_argument("--steps", type=int, default=None, help="fewer steps than the student's ladder")
+    ev.add_argument("--seed", type=int, default=0, help="the first prompt's noise seed")
+    ev.set_defaults(fn=_eval)
     recipes = sub.add_parser("recipes", help="the built-in DMD2 recipes and their sources")
     recipes.set_defaults(fn=_recipes)
     return parser

@@ -50,10 +50,10 @@ def test_images_and_captions_are_the_pipelines_own_encodings(tmp_path, pipeline_
     torch.testing.assert_close(batch["pooled_projections"], pooled)
     torch.testing.assert_close(batch["negative_encoder_hidden_states"], neg)
     torch.testing.assert_close(batch["negative_pooled_projections"], neg_pooled)
-    from fastgen.train.encode import _pixels
+    from fastgen.train.encode import read_pixels
 
     vae = pipe.vae
-    pixels = torch.stack([_pixels(images / f"img_{i}.png", 16) for i in range(5)])
+    pixels = torch.stack([read_pixels(images / f"img_{i}.png", 16) for i in range(5)])
     mean = vae.encode(pixels).latent_dist.mean
     expected = (mean - vae.config.shift_factor) * vae.config.scaling_factor
     std = (vae.encode(pixels).latent_dist.std * vae.config.scaling_factor).max()

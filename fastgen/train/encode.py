@@ -27,7 +27,15 @@ from torch import Tensor
 from fastgen.cache import PLACEHOLDER_KEY, write_shard
 from fastgen.plugins.qwen_image import pack_latents  # Flux packs 2x2 patches as Qwen-Image does
 
-__all__ = ["PLACEHOLDER", "SUPPORTED", "encode_cache", "load_pipeline", "read_images"]
+__all__ = [
+    "PLACEHOLDER",
+    "SUPPORTED",
+    "PipelineFamily",
+    "encode_cache",
+    "load_pipeline",
+    "read_images",
+    "read_pixels",
+]
 
 SUPPORTED = ("StableDiffusion3Pipeline", "FluxPipeline", "WanPipeline")
 PLACEHOLDER = {PLACEHOLDER_KEY: "placeholder"}
@@ -95,7 +103,7 @@ def read_images(folder: str | Path, captions: str | Path | None = None) -> list[
     return pairs
 
 
-def _pixels(path: Path, resolution: int) -> Tensor:
+def read_pixels(path: Path, resolution: int) -> Tensor:
     """An image center-cropped to a square, resized, as ``[3, R, R]`` in [-1, 1]."""
     import numpy as np
     from PIL import Image
@@ -110,7 +118,7 @@ def _pixels(path: Path, resolution: int) -> Tensor:
     return array.permute(2, 0, 1) / 127.5 - 1.0
 
 
-class _Family:
+class PipelineFamily:
     """How one pipeline class turns pixels and prompts into cache tensors."""
 
     def __init__(self, pipe: Any, seed: int) -> None:
@@ -206,7 +214,7 @@ def encode_cache(
             raise ValueError(f"--prompts: {path} holds no prompt")
     else:
         items = read_images(images, captions)
-    family = _Family(load_pipeline(pipeline), seed)
+    family = PipelineFamily(load_pipeline(pipeline), seed)
     negative = family.negative(negative_prompt)
     out = Path(out)
     written = skipped = 0
@@ -221,7 +229,7 @@ def encode_cache(
             if chunk[0][0] is None:
                 tensors = family.placeholder(len(chunk), resolution)
             else:
-                pixels = torch.stack([_pixels(file, resolution) for file, _ in chunk])
+                pixels = torch.stack([read_pixels(file, resolution) for file, _ in chunk])
                 tensors = family.latents(pixels)
             tensors.update(family.conditioning(texts))
             for key, value in tensors.items():
