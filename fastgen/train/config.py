@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fastgen.dmd.config import DMDConfig
+from fastgen.eval.collapse import CollapseConfig
 
 __all__ = [
     "CacheConfig",
@@ -111,6 +112,17 @@ class CheckpointConfig(BaseModel):
     keep: int | None = Field(3, ge=1)
     """Keep the newest this many checkpoints (``None``: keep all)."""
 
+    best: Literal[
+        "diversity", "diversity_ratio", "vendi", "recall", "precision", "psnr_to_teacher",
+        "clip_score", "fd_to_teacher",
+    ] | None = None  # fmt: skip
+    """Also keep the checkpoints with the best ``eval`` figure of this name (higher is better,
+    but for ``fd_to_teacher``), beside the newest ones; ``eval.every`` must be a multiple of
+    ``every``."""
+
+    best_keep: int = Field(1, ge=1)
+    """How many best checkpoints to keep."""
+
 
 class LogConfig(BaseModel):
     """What is logged, and how often."""
@@ -146,6 +158,50 @@ class ValidationConfig(BaseModel):
 
     samples: int = Field(8, ge=1)
     """How many samples (from the first batches of the data, drawn once)."""
+
+
+class EvalConfig(BaseModel):
+    """Evaluations during training: the EMA student against the teacher on fixed prompts x
+    seeds, logged as ``eval/*``, with the collapse alarm (:mod:`fastgen.eval`)."""
+
+    model_config = _FROZEN
+
+    every: int | None = Field(None, ge=1)
+    """Evaluate every this many iterations (and at the end); ``None``: no evaluations."""
+
+    prompts: list[str] | None = None
+    """Prompts as text, encoded once at start by the teacher's pipeline folder (its text
+    encoders); by default the first ``samples`` conditions of the data."""
+
+    samples: int = Field(4, ge=1)
+    """How many of the data's conditions are the prompts, without ``prompts``."""
+
+    seeds: int = Field(4, ge=2)
+    """Noises per prompt: diversity is measured between a prompt's seeds."""
+
+    seed: int = 0
+    """The evaluation noise's seed (drawn once, on its own generator)."""
+
+    teacher_steps: int = Field(8, ge=1)
+    """The teacher's Euler steps (with the run's CFG), sampled once."""
+
+    teacher_shift: float = Field(1.0, gt=0.0)
+    """The shift of the teacher's ladder (SD3 and Flux sample with 3.0)."""
+
+    clip: str | None = None
+    """A local CLIP folder: its image embeddings are the features, and the CLIP score is
+    reported (with ``prompts``)."""
+
+    fid_weights: str | None = None
+    """A TorchScript feature network (FID's Inception) for the features, if no ``clip``.
+    Without either, the features are the pictures' (or latents') pooled values."""
+
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+    """When the collapse alarm fires."""
+
+    stop_on_collapse: bool = False
+    """Stop the run when the alarm fires (keeping the last checkpoint from before the low
+    streak); otherwise warn and go on."""
 
 
 class TeacherConfig(BaseModel):
@@ -270,6 +326,9 @@ class RunConfig(BaseModel):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     """Validation samples."""
 
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluations against the teacher, and the collapse alarm."""
+
     @model_validator(mode="after")
     def _one_source_of_networks(self) -> RunConfig:
         if self.teacher is not None and self.model is not None:
@@ -282,6 +341,12 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"teacher.dtype {self.teacher.dtype} needs precision: bf16 (the student and fake "
                 "score train in float32 under autocast)"
+            )
+        best, every = self.checkpoint.best, self.eval.every
+        if best is not None and (every is None or every % self.checkpoint.every):
+            raise ValueError(
+                f"checkpoint.best needs eval.every to be a multiple of checkpoint.every "
+                f"({self.checkpoint.every}), got {every}"
             )
         return self
 
