@@ -165,13 +165,50 @@ def _key(line: str) -> str:
     return re.split(r"[(:= ]", line, maxsplit=1)[0]
 
 
+def _params(line: str) -> list[str] | None:
+    """The parameters of a line's signature, split at top-level commas (``None``: none)."""
+    head = re.match(r"[^(]*(?: class\([^)]*\))?\(", line)
+    if head is None:
+        return None
+    params, depth, current = [], 0, ""
+    for ch in line[head.end() :]:
+        if ch == ")" and depth == 0:
+            break
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            params.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return params + ([current.strip()] if current.strip() else [])
+
+
+def extends(old: str, new: str) -> bool:
+    """Whether ``new`` only adds to ``old``: the same parameters in the same order with the
+    same defaults, then new ones that all have defaults (every old call still works)."""
+    if old.startswith("cli: ") and new.startswith("cli: "):
+        # a flag that stops being required, or gains choices it did not have, extends
+        return old.replace(" required", "") == new.replace(" required", "") and (
+            " required" not in new
+        )
+    a, b = _params(old), _params(new)
+    if a is None or b is None or b[: len(a)] != a:
+        return False
+    return all("=" in p or p.startswith("**") for p in b[len(a) :])
+
+
 def diff(old: list[str], new: list[str]) -> dict[str, list[str]]:
-    """``removed`` (names gone), ``changed`` (old → new line), ``added`` (new names)."""
+    """``removed`` (names gone), ``changed`` (old → new line, not a mere extension),
+    ``extended`` (new optional parameters), ``added`` (new names)."""
     old_by, new_by = {_key(x): x for x in old}, {_key(x): x for x in new}
+    both = [k for k in old_by if k in new_by and old_by[k] != new_by[k]]
     return {
         "removed": sorted(k for k in old_by if k not in new_by),
         "changed": sorted(
-            f"{old_by[k]}  →  {new_by[k]}" for k in old_by if k in new_by and old_by[k] != new_by[k]
+            f"{old_by[k]}  →  {new_by[k]}" for k in both if not extends(old_by[k], new_by[k])
+        ),
+        "extended": sorted(
+            f"{old_by[k]}  →  {new_by[k]}" for k in both if extends(old_by[k], new_by[k])
         ),
         "added": sorted(k for k in new_by if k not in old_by),
     }
@@ -193,6 +230,7 @@ def update(path: Path = SNAPSHOT, changelog: Path = CHANGELOG) -> list[str]:
     new = surface()
     changes = diff(old, new)
     dropped = changes["removed"] + [c.split("  →  ")[0] for c in changes["changed"]]
+    # "extended" (new optional parameters) and "added" need no announcement
     problems = []
     section = changelog_section(__version__, changelog)
     for line in dropped:

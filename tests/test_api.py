@@ -22,6 +22,7 @@ from api_surface import (
     SNAPSHOT,
     changelog_section,
     diff,
+    extends,
     read_snapshot,
     surface,
     update,
@@ -193,3 +194,39 @@ def test_update_adds_names_freely(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     assert update(path, changelog) == []
     assert "fastgen.flow_matching.sample_from_t_list(" in path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "compatible"),
+    [
+        (
+            "m.f(a: 'int', *, b: 'int' = 1) -> 'int'",
+            "m.f(a: 'int', *, b: 'int' = 1, c=None) -> 'int'",
+            True,
+        ),
+        (
+            "m.f(a: 'int', *, b: 'int' = 1) -> 'int'",
+            "m.f(a: 'int', *, b: 'int' = 2) -> 'int'",
+            False,
+        ),
+        (
+            "m.f(a: 'int', *, b: 'int' = 1) -> 'int'",
+            "m.f(a: 'int', *, b: 'int' = 1, c) -> 'int'",
+            False,
+        ),
+        (
+            "m.f(a: 'int', b: 'int') -> 'int'",
+            "m.f(a: 'int', role: 'str', b: 'int') -> 'int'",
+            False,
+        ),
+        (
+            "m.C class(B)(*, x: Literal['a', 'b'] = 'a')",
+            "m.C class(B)(*, x: Literal['a', 'b'] = 'a', y: int = 0)",
+            True,
+        ),
+        ("cli: fastgen sample --cache required", "cli: fastgen sample --cache", True),
+        ("cli: fastgen sample --cache", "cli: fastgen sample --cache required", False),
+    ],
+)
+def test_extensions_are_told_from_breaking_changes(old, new, compatible):
+    assert extends(old, new) is compatible
