@@ -11,10 +11,7 @@ path, and exit status 2; a loss that turns NaN or inf stops the run with exit st
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +20,6 @@ __all__ = ["main"]
 
 class UsageError(Exception):
     """A user error the CLI reports in one line (exit status 2)."""
-
-
-def _import(spec: str, key: str) -> Callable:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"{key}: expected 'module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UsageError(f"{key}: cannot import {module_name!r}: {err}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UsageError(f"{key}: {module_name!r} has no function {attr!r}")
-    return fn
 
 
 def _validation_line(err: Any, prefix: str) -> str:
@@ -48,9 +31,8 @@ def _validation_line(err: Any, prefix: str) -> str:
 
 def _distill(args: argparse.Namespace) -> int:
     import pydantic
-    import torch
 
-    from fastgen.train import NonFiniteLossError, Trainer, load_run_config
+    from fastgen.train import NonFiniteLossError, RunError, build, load_run_config
 
     try:
         run = load_run_config(args.config, args.set)
@@ -59,42 +41,11 @@ def _distill(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
     try:
-        dmd = run.dmd_config()
+        trainer = build(run)
     except pydantic.ValidationError as err:
         raise UsageError(_validation_line(err, f"{args.config}: dmd.")) from None
-    except FileNotFoundError as err:
-        raise UsageError(f"recipe: {err}") from None
-    if run.model is None and run.teacher is None:
-        raise UsageError(
-            f"{args.config}: teacher: required (a diffusers model folder), or model: "
-            "('module:function' building the networks)"
-        )
-    if run.data is None:
-        raise UsageError(
-            f"{args.config}: data: required ({{cache, batch_size}} or 'module:function')"
-        )
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    data = _data(run, rank, world)
-    if getattr(data, "placeholder_latents", False) and (
-        dmd.gan_loss_weight_gen > 0
-        or (dmd.student_sample_steps > 1 and not dmd.backward_simulation)
-    ):
-        raise UsageError(
-            f"data.cache: {run.data.cache!r} holds placeholder latents (a prompts-only cache); "
-            "this recipe reads real latents (the GAN branch, or a multi-step student without "
-            "backward_simulation): encode images with fastgen cache --images"
-        )
-    torch.manual_seed(run.seed or 0)  # the same initial weights on every rank
-    nets = _networks(run, dmd)
-    call = None
-    if run.teacher is not None:
-        from fastgen.train.folders import call_for
-
-        call = call_for(type(nets["teacher"]).__name__)
-    try:
-        trainer = Trainer(run, data=data, dmd=dmd, call=call, **nets)
-    except (ValueError, TypeError) as err:  # the run config against the networks it got
-        raise UsageError(f"{args.config}: {_one_line(err)}") from None
+    except RunError as err:
+        raise UsageError(f"{args.config}: {err}") from None
     try:
         result = trainer.fit(fresh=args.fresh)
     except NonFiniteLossError as err:
@@ -106,58 +57,14 @@ def _distill(args: argparse.Namespace) -> int:
         if hasattr(student, "save_pretrained"):
             from fastgen.train.folders import export_student
 
-            folder = export_student(student, run.out, dmd, run.teacher)
+            folder = export_student(student, run.out, trainer.dmd, run.teacher)
             print(f"exported the student to {folder}")
-    if world > 1:
+    if trainer.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return 0
-
-
-def _networks(run: Any, dmd: Any) -> dict[str, Any]:
-    if run.teacher is not None:
-        import copy
-
-        import torch
-
-        from fastgen.train.folders import default_discriminator, load_teacher
-
-        try:
-            teacher = load_teacher(run.teacher)
-        except (OSError, ValueError) as err:
-            raise UsageError(_one_line(err)) from None
-        nets = {
-            "teacher": teacher,
-            "student": copy.deepcopy(teacher).to(torch.float32),
-            "fake_score": copy.deepcopy(teacher).to(torch.float32),
-        }
-        if dmd.gan_loss_weight_gen > 0:
-            try:
-                nets["discriminator"] = default_discriminator(teacher)
-            except ValueError as err:
-                raise UsageError(f"teacher: {err}") from None
-        return nets
-    nets = _import(run.model, "model")(run)
-    if not isinstance(nets, dict) or "teacher" not in nets:
-        raise UsageError("model: the function must return a dict with 'teacher'")
-    unknown = sorted(set(nets) - {"teacher", "student", "fake_score", "discriminator"})
-    if unknown:
-        raise UsageError(f"model: unexpected networks {unknown}")
-    return nets
-
-
-def _data(run: Any, rank: int, world: int) -> Any:
-    if isinstance(run.data, str):
-        return _import(run.data, "data")(run, rank, world)
-    from fastgen.cache import CacheError, LatentCache
-
-    try:
-        return LatentCache(run.data.cache, batch_size=run.data.batch_size, rank=rank,
-                           world=world, seed=run.seed or 0, shuffle=run.data.shuffle)  # fmt: skip
-    except CacheError as err:
-        raise UsageError(f"data.cache: {err}") from None
 
 
 def _one_line(err: BaseException) -> str:

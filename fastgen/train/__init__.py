@@ -1,10 +1,12 @@
-"""The trainer: a run config and the DMD2 loop that ``fastgen distill`` runs; diffusers model
-folders in and out (:mod:`fastgen.train.folders`), LoRA (:mod:`fastgen.train.lora`) and
+"""The trainer: a run config, the run built from it (:func:`build`) and the DMD2 loop that
+``fastgen distill`` runs; diffusers model folders in and out (:mod:`fastgen.train.folders`), LoRA (:mod:`fastgen.train.lora`) and
 ``fastgen cache`` (:mod:`fastgen.train.encode`)."""
 
+from fastgen.train.build import RunError, build
 from fastgen.train.config import (
     CacheConfig,
     CheckpointConfig,
+    EvalConfig,
     LogConfig,
     LoraConfig,
     OptimConfig,
@@ -25,11 +27,15 @@ __all__ = [
     "CheckpointConfig",
     "LogConfig",
     "ValidationConfig",
+    "EvalConfig",
     "TeacherConfig",
     "CacheConfig",
     "LoraConfig",
     "load_run_config",
     "apply_overrides",
+    # the run, built
+    "build",
+    "RunError",
     # the loop
     "Trainer",
     "NonFiniteLossError",

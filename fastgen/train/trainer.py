@@ -184,6 +184,14 @@ class Trainer:
         self._lrs: dict[str, float] = {}
         self._validation: tuple[Tensor, Batch] | None = None
 
+    @classmethod
+    def from_config(cls, run: RunConfig) -> Trainer:
+        """The trainer of a run config, networks and data built from it as ``fastgen distill``
+        builds them (:func:`fastgen.train.build`)."""
+        from fastgen.train.build import build
+
+        return build(run)
+
     # --- setup ----------------------------------------------------------------------------
 
     def _setup_distributed(self) -> None:

@@ -1,0 +1,156 @@
+"""A run config to a ready :class:`~fastgen.train.Trainer`: the networks, the data, the call.
+
+``fastgen distill`` is this plus argument parsing and reporting; a Python user writes
+``trainer = fastgen.train.build(run)`` (or ``Trainer.from_config(run)``) and gets the same run:
+
+- **networks**: ``teacher:`` loads a diffusers folder (``from_pretrained``); the student and the
+  fake score start as float32 copies of it, and with the GAN branch a token discriminator
+  reads its middle block. ``model: "module:function"`` calls ``function(run)`` for a dict with
+  ``teacher`` and optionally ``student``, ``fake_score``, ``discriminator``;
+- **data**: ``data: {cache, batch_size}`` streams a latent cache (this rank's share);
+  ``data: "module:function"`` calls ``function(run, rank, world)`` for a batch callable;
+- **call**: the network call the teacher's class needs (Qwen-Image's packed one).
+
+Every problem is a :class:`RunError` whose message names the config key or the path.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastgen.dmd.config import DMDConfig
+from fastgen.train.config import RunConfig
+
+__all__ = ["RunError", "build", "build_data", "build_networks", "import_function"]
+
+
+class RunError(ValueError):
+    """A run config that cannot be built; the message names the key or the path."""
+
+
+def _one_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def import_function(spec: str, key: str) -> Callable:
+    """The function a ``"module:function"`` string names (``key``: the config key, for errors)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RunError(f"{key}: expected 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RunError(f"{key}: cannot import {module_name!r}: {err}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RunError(f"{key}: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def build_networks(run: RunConfig, dmd: DMDConfig) -> dict[str, nn.Module]:
+    """``{"teacher", "student", "fake_score"[, "discriminator"]}`` for the run (see above)."""
+    if run.teacher is not None:
+        from fastgen.train.folders import default_discriminator, load_teacher
+
+        try:
+            teacher = load_teacher(run.teacher)
+        except (OSError, ValueError) as err:
+            raise RunError(_one_line(err)) from None
+        nets = {
+            "teacher": teacher,
+            "student": copy.deepcopy(teacher).to(torch.float32),
+            "fake_score": copy.deepcopy(teacher).to(torch.float32),
+        }
+        if dmd.gan_loss_weight_gen > 0:
+            try:
+                nets["discriminator"] = default_discriminator(teacher)
+            except ValueError as err:
+                raise RunError(f"teacher: {err}") from None
+        return nets
+    if run.model is None:
+        raise RunError(
+            "teacher: required (a diffusers model folder), or model: ('module:function' "
+            "building the networks)"
+        )
+    nets = import_function(run.model, "model")(run)
+    if not isinstance(nets, dict) or "teacher" not in nets:
+        raise RunError("model: the function must return a dict with 'teacher'")
+    unknown = sorted(set(nets) - {"teacher", "student", "fake_score", "discriminator"})
+    if unknown:
+        raise RunError(f"model: unexpected networks {unknown}")
+    return nets
+
+
+def build_data(run: RunConfig, rank: int, world: int, dmd: DMDConfig | None = None) -> Any:
+    """This rank's batch callable for the run (see above). With ``dmd``, a prompts-only cache
+    is refused for recipes that read real latents."""
+    if run.data is None:
+        raise RunError("data: required ({cache, batch_size} or 'module:function')")
+    if isinstance(run.data, str):
+        return import_function(run.data, "data")(run, rank, world)
+    from fastgen.cache import CacheError, LatentCache
+
+    try:
+        data = LatentCache(run.data.cache, batch_size=run.data.batch_size, rank=rank,
+                           world=world, seed=run.seed or 0, shuffle=run.data.shuffle)  # fmt: skip
+    except CacheError as err:
+        raise RunError(f"data.cache: {err}") from None
+    if (
+        dmd is not None
+        and getattr(data, "placeholder_latents", False)
+        and (
+            dmd.gan_loss_weight_gen > 0
+            or (dmd.student_sample_steps > 1 and not dmd.backward_simulation)
+        )
+    ):
+        raise RunError(
+            f"data.cache: {run.data.cache!r} holds placeholder latents (a prompts-only cache); "
+            "this recipe reads real latents (the GAN branch, or a multi-step student without "
+            "backward_simulation): encode images with fastgen cache --images"
+        )
+    return data
+
+
+def build(run: RunConfig, *, rank: int | None = None, world: int | None = None) -> Any:
+    """The :class:`~fastgen.train.Trainer` of a run config, as ``fastgen distill`` builds it.
+
+    Args:
+        run: The run config.
+        rank, world: This process's rank and the number of processes (default: torchrun's
+            ``RANK`` and ``WORLD_SIZE``, else 0 and 1).
+
+    Raises:
+        pydantic.ValidationError: The recipe with the ``dmd`` overrides is not a valid config.
+        RunError: A network, data or path problem (the message names the key or the path).
+    """
+    from fastgen.train.trainer import Trainer
+
+    if not isinstance(run, RunConfig):
+        raise TypeError(f"run must be a RunConfig, got {type(run).__name__}")
+    try:
+        dmd = run.dmd_config()
+    except FileNotFoundError as err:
+        raise RunError(f"recipe: {err}") from None
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    if run.model is None and run.teacher is None:
+        build_networks(run, dmd)  # raises the one-line error
+    data = build_data(run, rank, world, dmd)
+    torch.manual_seed(run.seed or 0)  # the same initial weights on every rank
+    nets = build_networks(run, dmd)
+    call = None
+    if run.teacher is not None:
+        from fastgen.train.folders import call_for
+
+        call = call_for(type(nets["teacher"]).__name__)
+    try:
+        return Trainer(run, data=data, dmd=dmd, call=call, **nets)
+    except (ValueError, TypeError) as err:  # the run config against the networks it got
+        raise RunError(_one_line(err)) from None
