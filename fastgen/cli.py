@@ -1,11 +1,13 @@
 """The ``fastgen`` command: ``fastgen cache --pipeline DIR --images DIR --out CACHE``,
 ``fastgen distill RUN.yaml [--set k=v ...] [--fresh]``,
-``fastgen sample --student DIR --cache DIR --out FILE`` and ``fastgen recipes``. ``distill``
-runs under ``torchrun --nproc_per_node=N`` too, and exports a diffusers student to
-``out/export``.
+``fastgen sample --student DIR (--cache DIR | --pipeline DIR --prompts FILE) --out OUT``,
+``fastgen eval --student DIR --pipeline DIR --prompts FILE --out DIR`` and ``fastgen recipes``.
+``distill`` runs under ``torchrun --nproc_per_node=N`` too (the run built by
+:func:`fastgen.train.build`), and exports a diffusers student to ``out/export``.
 
 A bad run config, a missing path or a failed import is one line on stderr naming the key or the
-path, and exit status 2; a loss that turns NaN or inf stops the run with exit status 1.
+path, and exit status 2; a loss that turns NaN or inf, or a collapse alarm with
+``eval.stop_on_collapse``, stops the run with exit status 1.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _validation_line(err: Any, prefix: str) -> str:
 def _distill(args: argparse.Namespace) -> int:
     import pydantic
 
-    from fastgen.train import NonFiniteLossError, RunError, build, load_run_config
+    from fastgen.train import CollapseError, NonFiniteLossError, RunError, build, load_run_config
 
     try:
         run = load_run_config(args.config, args.set)
@@ -48,7 +50,7 @@ def _distill(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: {err}") from None
     try:
         result = trainer.fit(fresh=args.fresh)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CollapseError) as err:
         print(f"fastgen: {err}", file=sys.stderr)
         return 1
     if trainer.main:

@@ -132,10 +132,11 @@ def test_logs_and_validation_samples(tmp_path):
     t = trainer(run_config(tmp_path / "b", steps=4, validation={"every": 4, "samples": 2}), Data())
     t.fit()
     grids = torch.load(tmp_path / "b" / "samples" / "step_00000004.pt")
-    noise, batch = t._validation
+    noise, ehs = t._viewer.noise, t._viewer.ehs  # the first 2 conditions of a batch, drawn once
+    assert noise.shape[0] == ehs.shape[0] == 2
     x = fastgen.sample(t.ema_student(), noise, [0.999, 0.0], mode="ode", pred_type="flow",
                        num_train_timesteps=t.dmd.num_train_timesteps,
-                       encoder_hidden_states=batch["encoder_hidden_states"])  # fmt: skip
+                       encoder_hidden_states=ehs)  # fmt: skip
     from fastgen.train.images import image_grid
 
     assert torch.equal(grids["1_step"], image_grid(x.float()))

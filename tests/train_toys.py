@@ -49,3 +49,16 @@ class Data:
 
 def data(run, rank: int, world: int) -> Data:
     return Data()
+
+
+def sd3_data(run, rank: int, world: int):
+    """Batches for the tiny SD3 pipeline's transformer (tests/families.py's saver)."""
+
+    def batch() -> dict:
+        cond = torch.randn(2, 5, 16)
+        return {"latents": torch.randn(2, 4, 8, 8), "encoder_hidden_states": cond,
+                "pooled_projections": torch.randn(2, 16),
+                "negative_encoder_hidden_states": torch.zeros_like(cond[:1]),
+                "negative_pooled_projections": torch.zeros(1, 16)}  # fmt: skip
+
+    return batch

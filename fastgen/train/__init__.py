@@ -17,7 +17,7 @@ from fastgen.train.config import (
     apply_overrides,
     load_run_config,
 )
-from fastgen.train.trainer import NonFiniteLossError, Trainer
+from fastgen.train.trainer import CollapseError, NonFiniteLossError, Trainer
 
 __all__ = [
     # the run config
@@ -39,4 +39,5 @@ __all__ = [
     # the loop
     "Trainer",
     "NonFiniteLossError",
+    "CollapseError",
 ]

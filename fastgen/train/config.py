@@ -159,6 +159,14 @@ class ValidationConfig(BaseModel):
     samples: int = Field(8, ge=1)
     """How many samples (from the first batches of the data, drawn once)."""
 
+    prompts: list[str] | None = None
+    """Prompts as text instead of the data's conditions, encoded once at start by the
+    teacher's pipeline folder (its text encoders)."""
+
+    teacher_steps: int | None = Field(None, ge=1)
+    """Also sample the teacher (this many guided Euler steps, once) as the grid's first row,
+    on the same noise and conditions as the student's rows."""
+
 
 class EvalConfig(BaseModel):
     """Evaluations during training: the EMA student against the teacher on fixed prompts x
@@ -176,8 +184,8 @@ class EvalConfig(BaseModel):
     samples: int = Field(4, ge=1)
     """How many of the data's conditions are the prompts, without ``prompts``."""
 
-    seeds: int = Field(4, ge=2)
-    """Noises per prompt: diversity is measured between a prompt's seeds."""
+    seeds: int = Field(4, ge=1)
+    """Noises per prompt: diversity is measured between a prompt's seeds (2 or more)."""
 
     seed: int = 0
     """The evaluation noise's seed (drawn once, on its own generator)."""
@@ -342,6 +350,8 @@ class RunConfig(BaseModel):
                 f"teacher.dtype {self.teacher.dtype} needs precision: bf16 (the student and fake "
                 "score train in float32 under autocast)"
             )
+        if self.eval.every is not None and self.eval.seeds < 2:
+            raise ValueError(f"eval.seeds must be >= 2 (diversity is between seeds), got {self.eval.seeds}")
         best, every = self.checkpoint.best, self.eval.every
         if best is not None and (every is None or every % self.checkpoint.every):
             raise ValueError(

@@ -14,7 +14,9 @@ watches for collapse.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +38,15 @@ from fastgen.sampling import sample
 from fastgen.timesteps import make_t_list
 from fastgen.train.config import EvalConfig
 
-__all__ = ["HIGHER_IS_BETTER", "GuidedCall", "Monitor", "student_ladders"]
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "GuidedCall",
+    "Monitor",
+    "encode_prompts",
+    "load_decoder",
+    "pipeline_folder",
+    "student_ladders",
+]
 
 HIGHER_IS_BETTER = {
     "diversity": True,
@@ -94,6 +104,43 @@ class GuidedCall(NetworkCall):
                for k, v in self.negative_kwargs.items()}  # fmt: skip
         uncond = self.inner(model, role, x_t, t, neg_ehs, {**model_kwargs, **neg})
         return classifier_free_guidance(cond, uncond, self.scale)
+
+
+def pipeline_folder(teacher: Any) -> Path | None:
+    """The pipeline folder the run's teacher comes from (``model_index.json`` beside its
+    ``subfolder``), or ``None``."""
+    if teacher is None or teacher.subfolder is None:
+        return None
+    folder = Path(teacher.path)
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def load_decoder(
+    folder: str | Path, device: torch.device | str = "cpu"
+) -> Callable[[Tensor], Tensor]:
+    """``latents -> pictures [N, 3, H, W] in [0, 1]`` with the pipeline folder's VAE alone (no
+    text encoder or transformer is loaded; :func:`fastgen.train.decode.decode`)."""
+    import diffusers
+
+    from fastgen.train.decode import decode
+
+    index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    others = {k: None for k, v in index.items() if isinstance(v, list) and k != "vae"}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **others)
+    pipe.vae.to(device)
+    return lambda latents: decode(pipe, latents).to(latents.device)
+
+
+def encode_prompts(folder: str | Path, prompts: Sequence[str], device: torch.device | str = "cpu"
+                   ) -> tuple[Batch, Batch]:  # fmt: skip
+    """The prompts' conditioning and the empty prompt's (``negative``), by the pipeline folder's
+    own text encoders (loaded for this, then dropped)."""
+    from fastgen.train.encode import PipelineFamily, load_pipeline
+
+    family = PipelineFamily(load_pipeline(folder), seed=0)
+    cond, neg = family.conditioning(list(prompts)), family.negative("")
+    move = lambda d: {k: v.to(device) if isinstance(v, Tensor) else v for k, v in d.items()}  # noqa: E731
+    return move(cond), move({k[len("negative_") :]: v for k, v in neg.items()})
 
 
 def student_ladders(dmd: DMDConfig) -> dict[int, list[float]]:

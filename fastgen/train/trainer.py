@@ -27,18 +27,23 @@ from fastgen.dmd.calls import NetworkCall
 from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.factory import create_fake_score
 from fastgen.dmd.pipeline import DMDPipeline
-from fastgen.sampling import sample
-from fastgen.train.config import OptimizerConfig, RunConfig
+from fastgen.train.config import EvalConfig, OptimizerConfig, RunConfig
 from fastgen.train.images import image_grid, write_png
 from fastgen.train.lora import add_lora
+from fastgen.train.monitor import Monitor, encode_prompts, load_decoder, pipeline_folder
 
-__all__ = ["NonFiniteLossError", "Trainer"]
+__all__ = ["CollapseError", "NonFiniteLossError", "Trainer"]
 
 Batch = dict[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the message names the loss and the iteration."""
+
+
+class CollapseError(RuntimeError):
+    """The collapse alarm fired with ``eval.stop_on_collapse``; the message says why and names
+    the last checkpoint from before the low streak."""
 
 
 def _blocks(net: nn.Module) -> list[nn.Module]:
@@ -182,7 +187,8 @@ class Trainer:
         self._scalars = {}
         self._seen_batch = 0
         self._lrs: dict[str, float] = {}
-        self._validation: tuple[Tensor, Batch] | None = None
+        self._viewer: Monitor | None = None  # the validation grid's fixed samples
+        self._monitor: Monitor | None = None  # the evaluations (eval:)
 
     @classmethod
     def from_config(cls, run: RunConfig) -> Trainer:
@@ -323,43 +329,119 @@ class Trainer:
             self._wandb.log(scalars, step=done)
         return scalars
 
+    def _samples_visible(self) -> bool:
+        # A sharded teacher (FSDP2) samples on every rank (its forward gathers); otherwise
+        # rank 0 alone samples and writes.
+        return self.main or self.run.parallel == "fsdp2"
+
     def _validate(self, done: int) -> None:
-        if not self.main or self.pipeline.ema is None or self._validation is None:
+        viewer = self._viewer
+        if viewer is None or self.pipeline.ema is None:
             return
-        noise, batch = self._validation
         self.pipeline.ema.copy_to(self._ema_net)
-        t_list = self.dmd.sample_t_cfg.t_list or (self.dmd.sample_t_cfg.max_t, 0.0)
-        ladders = {1: [t_list[0], 0.0]}
-        if len(t_list) > 2:
-            ladders[len(t_list) - 1] = list(t_list)
-        kwargs = {
-            k: v for k, v in batch.items() if not k.startswith("negative_") and k != "latents"
-        }
-        ehs = kwargs.pop("encoder_hidden_states", None)
-        rows = []
-        for steps, ladder in ladders.items():
-            x = sample(self._ema_net, noise, ladder, mode=self.dmd.student_sample_type,
-                       pred_type=self.dmd.pred_type, num_train_timesteps=self.dmd.num_train_timesteps,
-                       encoder_hidden_states=ehs, call=self._call, **kwargs)  # fmt: skip
-            if x.ndim not in (4, 5):  # packed tokens (Flux): no picture, the samples are saved
-                rows.append(x.float().cpu())
+        rows = {}
+        if self.run.validation.teacher_steps is not None:
+            teacher = viewer.teacher_samples(self.pipeline.teacher)
+            rows["teacher"] = (
+                teacher["pictures"] if teacher["pictures"] is not None else teacher["x"]
+            )
+        for steps, s in viewer.student_samples(self._ema_net).items():
+            rows[f"{steps}_step"] = s["pictures"] if s["pictures"] is not None else s["x"]
+        if not self.main:
+            return
+        grids, pictures = {}, viewer.decoder is not None
+        for name, x in rows.items():
+            if x.ndim not in (4, 5):  # packed tokens without a decoder: no picture
+                grids[name] = x.float().cpu()
                 continue
-            grid = image_grid(x.float().cpu())
-            rows.append(grid)
+            # decoded pictures are in [0, 1]; image_grid reads 3 channels as [-1, 1]
+            grids[name] = image_grid(x.float().cpu() * 2 - 1 if pictures else x.float().cpu())
             if self._writer is not None:
-                self._writer.add_image(f"samples/{steps}_step", grid, done)
+                self._writer.add_image(f"samples/{name}", grids[name], done)
         folder = self.out / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        if all(r.ndim == 3 and r.shape[0] == 3 for r in rows) and noise.ndim in (4, 5):
-            write_png(folder / f"step_{done:08d}.png", torch.cat(rows, dim=1))
-        torch.save({f"{s}_step": r for s, r in zip(ladders, rows)}, folder / f"step_{done:08d}.pt")
+        if all(g.ndim == 3 and g.shape[0] == 3 for g in grids.values()):
+            # one row per sampler: the teacher (if asked), the student at 1 and K steps
+            png = folder / f"step_{done:08d}.png"
+            write_png(png, torch.cat(list(grids.values()), dim=1))
+            if self._wandb is not None:
+                import wandb
+
+                array = torch.cat(list(grids.values()), dim=1).permute(1, 2, 0).numpy()
+                self._wandb.log(
+                    {"samples": wandb.Image(array, caption=", ".join(grids))}, step=done
+                )
+        torch.save(grids, folder / f"step_{done:08d}.pt")
+
+    def _evaluate(self, done: int) -> None:
+        monitor = self._monitor
+        if monitor is None or self.pipeline.ema is None:
+            self._stop_if(False, "")
+            return
+        self.pipeline.ema.copy_to(self._ema_net)
+        report = monitor.evaluate(done, self._ema_net, self.pipeline.teacher)
+        alarm = report["alarm"]
+        if self.main:
+            scalars = {f"eval/{k}": v for k, v in report["figures"].items()}
+            if self._writer is not None:
+                for key, value in scalars.items():
+                    self._writer.add_scalar(key, value, done)
+                if alarm["collapsed"]:
+                    self._writer.add_text("eval/alarm", alarm["reason"], done)
+                self._writer.flush()
+            if self._wandb is not None:
+                self._wandb.log(scalars | ({"eval/alarm": alarm["reason"]} if alarm["collapsed"] else {}),
+                                step=done)  # fmt: skip
+            (self.out / "eval.json").write_text(json.dumps(monitor.history, indent=1) + "\n")
+            if alarm["collapsed"]:
+                print(f"fastgen: collapse alarm at iteration {done}: {alarm['reason']}", flush=True)
+        self._stop_if(alarm["collapsed"] and self.run.eval.stop_on_collapse, alarm["reason"])
+
+    def _stop_if(self, stop: bool, reason: str) -> None:
+        """Stop every rank when rank 0's evaluation says so (one broadcast per evaluation)."""
+        if self.world > 1 and self.run.eval.every is not None:
+            box = [stop, reason]
+            dist.broadcast_object_list(box, src=0)
+            stop, reason = box
+        if stop:
+            good = self._good_checkpoint()
+            raise CollapseError(
+                f"stopped: {reason}. The last checkpoint from before the low streak is "
+                f"{good or 'none'}"
+            )
+
+    def _good_checkpoint(self) -> Path | None:
+        """The newest checkpoint saved at or before the last evaluation that was not low."""
+        healthy = self._monitor.last_healthy_step() if self._monitor is not None else None
+        root = self.out / "checkpoints"
+        if healthy is None or not root.is_dir():
+            return None
+        steps = [p for p in root.iterdir() if p.name.startswith("step_")
+                 and int(p.name.split("_")[1]) <= healthy]  # fmt: skip
+        return max(steps) if steps else None
+
+    def _protected(self) -> set[str]:
+        """Checkpoints the rotation keeps besides the newest: the best by ``checkpoint.best``
+        and, with ``eval.stop_on_collapse``, the last one from before a low streak."""
+        names: set[str] = set()
+        monitor, ckpt = self._monitor, self.run.checkpoint
+        if monitor is None:
+            return names
+        if ckpt.best is not None:
+            names |= {f"step_{s:08d}" for s in monitor.best(ckpt.best, ckpt.best_keep)}
+        if self.run.eval.stop_on_collapse and (good := self._good_checkpoint()) is not None:
+            names.add(good.name)
+        return names
 
     def _save(self, done: int) -> Path:
         root = self.out / "checkpoints"
         data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        extra = {"data": data_state}
+        if self._monitor is not None and self.main:
+            extra["monitor"] = self._monitor.state_dict()
         path = save_checkpoint(root / f"step_{done:08d}", pipeline=self.pipeline,
                                optimizers=self.optimizers, schedulers=self.schedulers, step=done,
-                               extra={"data": data_state})  # fmt: skip
+                               extra=extra)  # fmt: skip
         keep = self.run.checkpoint.keep
         if self.main:
             for stale in list(root.glob(".*.tmp")) + list(root.glob(".*.old")):
@@ -368,8 +450,10 @@ class Trainer:
                 p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
             )
             if keep is not None:
+                protected = self._protected()
                 for old in done_steps[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    if old.name not in protected:
+                        shutil.rmtree(old, ignore_errors=True)
         return path
 
     def _resume(self, fresh: bool) -> int:
@@ -386,9 +470,54 @@ class Trainer:
         data_state = (info.extra or {}).get("data")
         if data_state is not None and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(data_state)
+        monitor_state = (info.extra or {}).get("monitor")
+        if monitor_state is not None and self._monitor is not None:
+            self._monitor.load_state_dict(monitor_state)
         if self.main:
             print(f"resumed from step {info.step} ({last})", flush=True)
         return info.step
+
+    def _monitors(self) -> tuple[Monitor | None, Monitor | None]:
+        """The validation grid's and the evaluations' fixed samples, from one batch of the data
+        drawn apart from the training's random stream, decoded by the teacher's pipeline folder
+        when it has one."""
+        run = self.run
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((run.seed or 0) + 7)
+            batch = self.data()
+        batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        folder = pipeline_folder(run.teacher)
+        decoder = load_decoder(folder, self.device) if folder is not None else None
+
+        def make(config: EvalConfig, prompts: list[str] | None) -> Monitor:
+            conditioning = negative = None
+            if prompts:
+                if folder is None:
+                    raise ValueError("prompts as text need a teacher from a pipeline folder "
+                                     "(teacher: {path, subfolder}) to encode them")  # fmt: skip
+                conditioning, negative = encode_prompts(folder, prompts, self.device)
+            clip = features = None
+            if config.clip is not None:
+                from fastgen.eval.features import ClipScorer
+
+                clip = ClipScorer(config.clip)
+                features = clip.image_embeds
+            elif config.fid_weights is not None:
+                from fastgen.eval.features import FeatureNet
+
+                features = FeatureNet(config.fid_weights)
+            return Monitor(config, self.dmd, batch, call=self._call, decoder=decoder,
+                           conditioning=conditioning, negative=negative or None,
+                           texts=prompts, features=features, clip=clip)  # fmt: skip
+
+        viewer = monitor = None
+        if run.validation.every is not None:
+            v = run.validation
+            viewer = make(EvalConfig(samples=v.samples, seeds=1, seed=(run.seed or 0) + 7,
+                                     teacher_steps=v.teacher_steps or 1), v.prompts)  # fmt: skip
+        if run.eval.every is not None:
+            monitor = make(run.eval, run.eval.prompts)
+        return viewer, monitor
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -407,20 +536,11 @@ class Trainer:
                 yaml.safe_dump(json.loads(run.model_dump_json()), sort_keys=False)
             )
             (self.out / "dmd.yaml").write_text(self.dmd.to_yaml())
-        if run.validation.every is not None and self.main:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((run.seed or 0) + 7)
-                batch = self.data()
-                n = min(run.validation.samples, batch["latents"].shape[0])
-                batch = {
-                    k: v[:n] if isinstance(v, Tensor) and v.ndim > 0 else v
-                    for k, v in batch.items()
-                }
-                batch = {
-                    k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()
-                }
-                noise = torch.randn_like(batch["latents"])
-            self._validation = (noise, batch)
+        self._viewer = self._monitor = None
+        if (
+            run.validation.every is not None or run.eval.every is not None
+        ) and self._samples_visible():
+            self._viewer, self._monitor = self._monitors()
         start = self._resume(fresh)
         self._writer = None
         self._wandb = None
@@ -471,6 +591,8 @@ class Trainer:
                           if k.startswith("loss/") and k.endswith("/total")}  # fmt: skip
                 rate = 1 / max(self._scalars["time/seconds_per_iteration"], 1e-9)
                 self._bar.set_postfix(losses | {"it/s": f"{rate:.2f}"})
+        if run.eval.every is not None and (done % run.eval.every == 0 or last):
+            self._evaluate(done)  # before the save: a collapsed state is not saved
         if done % run.checkpoint.every == 0 or last:
             self._check_finite()
             self._save(done)
