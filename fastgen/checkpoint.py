@@ -43,7 +43,7 @@ from fastgen.errors import CheckpointError
 from fastgen.version import __version__
 
 __all__ = ["CheckpointError", "CheckpointInfo", "latest_checkpoint", "load_checkpoint",
-           "save_checkpoint"]  # fmt: skip
+           "load_ema_weights", "save_checkpoint"]  # fmt: skip
 
 FORMAT = "fastgen-checkpoint"
 FORMAT_VERSION = 1
@@ -607,3 +607,49 @@ def load_checkpoint(
         fastgen_version=str(meta["fastgen_version"]),
         rng_restored=rng is not None,
     )
+
+
+def load_ema_weights(path: str | Path, net: nn.Module, config: Any) -> CheckpointInfo:
+    """Write a checkpoint's EMA student into ``net`` (a plain copy of the student), alone.
+
+    The manifest is verified first; then only the EMA shadows are read (DCP loads the keys it
+    is asked for), so an evaluation of a checkpoint needs neither the fake score nor the
+    optimizers.
+
+    Args:
+        path: A checkpoint directory of a run with an EMA.
+        net: A network of the student's architecture (its weights are replaced).
+        config: The run's :class:`~fastgen.EMAConfig`.
+
+    Returns:
+        :class:`CheckpointInfo` (the step; no RNG is restored).
+
+    Raises:
+        CheckpointError: A missing or damaged file, or a checkpoint without EMA shadows for
+            ``net``'s parameters.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from fastgen.dmd.ema import ExponentialMovingAverage
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    manifest = _read_manifest(path)
+    _verify(path, manifest)
+    ema = ExponentialMovingAverage(net, config)
+    shadows = ema.sharded_state_dict()
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in shadows if f"pipeline.ema.{k}" not in saved]
+    if missing:
+        raise CheckpointError(f"{path} has no EMA shadow for {missing[0]!r} (and {len(missing) - 1} more)"
+                              if len(missing) > 1 else f"{path} has no EMA shadow for {missing[0]!r}")  # fmt: skip
+    state = {"pipeline": {"ema": shadows}}
+    with _dcp_quiet():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
+    ema.copy_to(net)
+    meta = json.loads((path / "meta.json").read_text())
+    return CheckpointInfo(path=path, step=int(meta["step"]), extra=meta.get("extra"),
+                          world_size=int(meta.get("world_size", 1)),
+                          fastgen_version=str(meta.get("fastgen_version", "")),
+                          rng_restored=False)  # fmt: skip

@@ -169,11 +169,23 @@ def _sample_pictures(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastgen.train.evaluate import evaluate, read_prompts
+    from fastgen.train.evaluate import evaluate, read_prompts, sweep
 
+    if (args.student is None) == (args.checkpoints is None):
+        raise UsageError("fastgen eval needs one of --student DIR and --checkpoints DIR")
     try:
         prompts = read_prompts(args.prompts)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        if args.checkpoints is not None:
+            summary = sweep(args.checkpoints, args.pipeline, prompts, args.out, metrics=metrics,
+                            clip=args.clip, fid_weights=args.fid_weights,
+                            reference=args.reference, seeds=args.seeds,
+                            teacher=not args.no_teacher, teacher_steps=args.teacher_steps,
+                            guidance_scale=args.guidance_scale, resolution=args.resolution,
+                            seed=args.seed)  # fmt: skip
+            print(f"wrote {args.out}/sweep.json: {len(summary['checkpoints'])} checkpoints, "
+                  f"{len(summary['scored_now'])} scored now")  # fmt: skip
+            return 0
         result = evaluate(args.student, args.pipeline, prompts, args.out, metrics=metrics,
                           clip=args.clip, fid_weights=args.fid_weights, reference=args.reference,
                           seeds=args.seeds, teacher=not args.no_teacher,
@@ -279,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0, help="the noise's seed")
     smp.set_defaults(fn=_sample)
     ev = sub.add_parser("eval", help="score an exported student (and its teacher) on prompts")
+    ev.add_argument("--student", help="the export folder (out/export) or its transformer")
     ev.add_argument(
-        "--student", required=True, help="the export folder (out/export) or its transformer"
+        "--checkpoints", help="a run's checkpoints folder: score each checkpoint's EMA student once"
     )
     ev.add_argument(
         "--pipeline", required=True, help="the teacher's pipeline folder (VAE, text encoders)"

@@ -159,3 +159,41 @@ def test_eval_bad_inputs_are_one_line_exit_2(setup, tmp_path, capsys, change, me
     code = main(["eval", *[x for kv in args.items() for x in kv]])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sweep_scores_each_checkpoints_ema_student_once(setup, tmp_path, capsys):
+    import yaml
+
+    from fastgen.checkpoint import load_ema_weights
+    from fastgen.train.folders import load_model
+
+    run = {"out": str(tmp_path / "run"), "steps": 2, "recipe": "dmd2_sd3",
+           "teacher": {"path": str(setup["pipeline"]), "subfolder": "transformer"},
+           "dmd": {"gan_loss_weight_gen": 0.0, "student_update_freq": 1, "ema": {"decay": 0.5}},
+           "data": "train_toys:sd3_data", "checkpoint": {"every": 1, "keep": None},
+           "log": {"progress": False}}  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run))
+    assert main(["distill", str(config)]) == 0
+    # the last checkpoint's EMA shadows are the exported student, bit for bit
+    exported = load_model(tmp_path / "run" / "export" / "transformer")
+    net = load_model(setup["pipeline"], subfolder="transformer")
+    from fastgen.dmd.config import EMAConfig
+
+    load_ema_weights(tmp_path / "run" / "checkpoints" / "step_00000002", net, EMAConfig(decay=0.5))
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), exported.state_dict().values())
+    )
+    args = ["eval", "--checkpoints", str(tmp_path / "run" / "checkpoints"), "--pipeline",
+            str(setup["pipeline"]), "--prompts", str(setup["prompts"]), "--out",
+            str(tmp_path / "sweep"), "--metrics", "diversity,fid", "--fid-weights",
+            str(setup["weights"]), "--seeds", "2", "--teacher-steps", "1"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "2 checkpoints, 2 scored now" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sorted(summary["checkpoints"]) == ["step_00000001", "step_00000002"]
+    assert all(
+        "diversity_ratio" in v and "fid_to_teacher" in v for v in summary["checkpoints"].values()
+    )
+    assert main(args) == 0 and "2 checkpoints, 0 scored now" in capsys.readouterr().out

@@ -294,6 +294,19 @@ def evaluate(
             diversity, a student that is not the pipeline's.
     """
     metrics = list(dict.fromkeys(metrics))
+    _check_options(metrics, clip, fid_weights, reference, seeds, teacher, student)
+    scorer = ClipScorer(clip) if clip is not None else None
+    fid_net = FeatureNet(fid_weights) if fid_weights is not None else None
+    pipe = load_pipeline(pipeline)
+    net, settings = load_student(student, pipe)
+    return evaluate_student(net, settings, pipe, prompts, out, metrics=metrics, scorer=scorer,
+                            fid_net=fid_net, reference=reference, seeds=seeds, teacher=teacher,
+                            teacher_steps=teacher_steps, guidance_scale=guidance_scale,
+                            resolution=resolution, steps=steps, seed=seed,
+                            names={"student": str(student), "pipeline": str(pipeline)})  # fmt: skip
+
+
+def _check_options(metrics, clip, fid_weights, reference, seeds, teacher, student=None) -> None:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"--metrics: unknown {', '.join(unknown)} (known: {', '.join(METRICS)})")
@@ -312,10 +325,31 @@ def evaluate(
         if path is not None and not Path(path).exists():  # every path before any loading
             raise FileNotFoundError(f"{flag}: no file {str(path)!r}")
     _quiet()
-    scorer = ClipScorer(clip) if clip is not None else None
-    fid_net = FeatureNet(fid_weights) if fid_weights is not None else None
-    pipe = load_pipeline(pipeline)
-    net, settings = load_student(student, pipe)
+
+
+def evaluate_student(
+    net: torch.nn.Module,
+    settings: dict[str, Any],
+    pipe: Any,
+    prompts: Sequence[str],
+    out: str | Path,
+    *,
+    metrics: Sequence[str] = METRICS,
+    scorer: ClipScorer | None = None,
+    fid_net: FeatureNet | None = None,
+    reference: str | Path | None = None,
+    seeds: int = 4,
+    teacher: bool = True,
+    teacher_steps: int | None = None,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    names: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` on a loaded student (its sampling settings: ``fastgen.json``'s keys)
+    and a loaded pipeline, with the feature networks loaded."""
+    metrics = list(dict.fromkeys(metrics))
     if resolution is None:
         resolution = int(getattr(pipe.vae.config, "sample_size", None) or 512)
     out = Path(out)
@@ -376,7 +410,7 @@ def evaluate(
     if fid_net is not None:
         result["features"]["fid"] = fid_net.describe()
     result["settings"] = {
-        "student": str(student), "pipeline": str(pipeline), "prompts": len(prompts),
+        **(names or {}), "prompts": len(prompts),
         "seeds": seeds, "seed": seed, "resolution": resolution, "metrics": metrics,
         "student_t_list": _ladder(settings["t_list"], steps), "teacher_steps": teacher_steps,
         "guidance_scale": guidance_scale,
@@ -427,3 +461,87 @@ def _report(result: dict[str, Any], prompts: Sequence[str], who: list[str]) -> s
         f"{i + 1}. {p}" for i, p in enumerate(prompts)
     ]
     return "\n".join(lines) + "\n"
+
+
+def sweep(
+    checkpoints: str | Path,
+    pipeline: str | Path,
+    prompts: Sequence[str],
+    out: str | Path,
+    *,
+    metrics: Sequence[str] = METRICS,
+    clip: str | Path | None = None,
+    fid_weights: str | Path | None = None,
+    reference: str | Path | None = None,
+    seeds: int = 4,
+    teacher: bool = True,
+    teacher_steps: int | None = None,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score every checkpoint of a run (its EMA student) once: ``out/step_N/eval.json`` each,
+    skipping the checkpoints already scored, and ``out/sweep.json`` with every step's figures.
+
+    The student's architecture comes from the run's ``config.yaml`` (beside ``checkpoints``),
+    built as the run built it (:func:`fastgen.train.build_networks`, LoRA adapters included);
+    its weights are the checkpoint's EMA shadows alone (:func:`fastgen.checkpoint.load_ema_weights`).
+    Arguments as for :func:`evaluate`.
+
+    Raises:
+        FileNotFoundError: No checkpoints folder, or no ``config.yaml`` beside it.
+        ValueError: A run without an EMA; the options' errors as :func:`evaluate`'s.
+    """
+    import yaml
+
+    from fastgen.checkpoint import load_ema_weights
+    from fastgen.train.build import build_networks
+    from fastgen.train.config import RunConfig
+    from fastgen.train.folders import sampling_settings
+
+    checkpoints = Path(checkpoints)
+    if not checkpoints.is_dir():
+        raise FileNotFoundError(f"--checkpoints: no folder {str(checkpoints)!r}")
+    config_file = checkpoints.parent / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--checkpoints: no run config {str(config_file)!r} beside it")
+    metrics = list(dict.fromkeys(metrics))
+    _check_options(metrics, clip, fid_weights, reference, seeds, teacher)
+    run = RunConfig.model_validate(yaml.safe_load(config_file.read_text(encoding="utf-8")))
+    dmd = run.dmd_config()
+    if dmd.ema is None:
+        raise ValueError(f"{config_file}: the run keeps no EMA student to evaluate")
+    steps = sorted(p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    out = Path(out)
+    todo = [p for p in steps if not (out / p.name / "eval.json").is_file()]
+    if todo:
+        scorer = ClipScorer(clip) if clip is not None else None
+        fid_net = FeatureNet(fid_weights) if fid_weights is not None else None
+        pipe = load_pipeline(pipeline)
+        torch.manual_seed(run.seed or 0)
+        net = build_networks(run, dmd)["student"]
+        if run.lora is not None:
+            from fastgen.train.lora import add_lora
+
+            add_lora(net, run.lora)
+        net.eval()
+        if type(net).__name__ != type(getattr(pipe, "transformer", None)).__name__:
+            raise ValueError(
+                f"--checkpoints: the run's student is a {type(net).__name__}, the pipeline's "
+                f"transformer a {type(pipe.transformer).__name__}"
+            )
+        settings = sampling_settings(dmd, type(net).__name__)
+        for path in todo:
+            load_ema_weights(path, net, dmd.ema)
+            evaluate_student(net, settings, pipe, prompts, out / path.name, metrics=metrics,
+                             scorer=scorer, fid_net=fid_net, reference=reference, seeds=seeds,
+                             teacher=teacher, teacher_steps=teacher_steps,
+                             guidance_scale=guidance_scale, resolution=resolution, seed=seed,
+                             names={"checkpoint": str(path), "pipeline": str(pipeline)})  # fmt: skip
+    table = {}
+    for path in steps:
+        result = json.loads((out / path.name / "eval.json").read_text(encoding="utf-8"))
+        table[path.name] = {k: v for k, v in result["student"].items() if isinstance(v, float)}
+    summary = {"checkpoints": table, "scored_now": [p.name for p in todo]}
+    (out / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return summary

@@ -29,6 +29,7 @@ __all__ = [
     "load_model",
     "load_teacher",
     "read_export",
+    "sampling_settings",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,14 +178,7 @@ def export_student(
         source = Path(teacher.path)
         if (source / "model_index.json").is_file():
             _export_pipeline(source, teacher.subfolder, student, folder / "pipeline")
-    t_list = dmd.sample_t_cfg.t_list or [dmd.sample_t_cfg.max_t, 0.0]
-    settings = {
-        "t_list": list(t_list),
-        "pred_type": dmd.pred_type,
-        "num_train_timesteps": dmd.num_train_timesteps,
-        "student_sample_type": dmd.student_sample_type,
-        "class_name": type(student).__name__,
-    }
+    settings = sampling_settings(dmd, type(student).__name__)
     (folder / "fastgen.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     return folder
 
@@ -205,6 +199,19 @@ def _export_pipeline(source: Path, subfolder: str, student: nn.Module, target: P
         if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
             config.update(shift=1.0, use_dynamic_shifting=False)  # the ladder's sigmas as given
             config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def sampling_settings(dmd: DMDConfig, class_name: str) -> dict[str, Any]:
+    """How the student samples (``fastgen.json`` of an export): its ladder, prediction type,
+    timestep scale, ODE or SDE steps, and its diffusers class."""
+    t_list = dmd.sample_t_cfg.t_list or [dmd.sample_t_cfg.max_t, 0.0]
+    return {
+        "t_list": list(t_list),
+        "pred_type": dmd.pred_type,
+        "num_train_timesteps": dmd.num_train_timesteps,
+        "student_sample_type": dmd.student_sample_type,
+        "class_name": class_name,
+    }
 
 
 def read_export(folder: str | Path) -> dict[str, Any]:
