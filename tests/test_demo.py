@@ -149,7 +149,9 @@ def test_quick_digits_run_and_its_resume_after_two_sigkills(tmp_path):
     every = ("--no-compile", "--checkpoint-every", "50")
     out, m, stdout = run_demo(tmp_path, *every)
     for name in ("teacher", "teacher_1step", "student_1step", "student_4step", "data"):
-        assert set(m[name]) == {"class_accuracy", "fd", "precision", "recall"}
+        assert set(m[name]) == {"class_accuracy", "fd", "precision", "recall", "diversity",
+                                "diversity_ratio"}  # fmt: skip
+    assert m["teacher"]["diversity_ratio"] == 1.0 and m["student_1step"]["diversity"] > 0
     assert m["export_equal"] is True and m["compiled"] is False and m["job"] == "digits"
     assert m["student_1step"]["fd"] < m["teacher_1step"]["fd"]
     assert m["classifier_heldout_accuracy"] > 0.9

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import fastgen.eval
 from fastgen.demo.data import N_CLASSES, Digits, batch_of, load_digits
 from fastgen.demo.export import OneStepSampler, export_one_step
 from fastgen.demo.metrics import frechet_distance, knn_precision_recall
@@ -151,6 +152,17 @@ def run(args, rt: Runtime, start: float) -> dict | None:
     grid_noise = torch.randn(len(grid_labels), 1, 8, 8, device=rt.device, generator=gen)
     grid = sample_all(grid_noise, grid_labels)
     grid["data"] = matched_training_images(data, grid_labels, gen)
+    # diversity within a class (6 noises per digit) in the classifier's feature space, and its
+    # ratio to the 32-step teacher's: the collapse alarm's figure (fastgen.eval)
+    with torch.no_grad():
+        groups = {
+            n: clf.features(grid[n].float()).reshape(N_CLASSES, per_class, -1) for n in SAMPLERS
+        }
+    for name in SAMPLERS:
+        metrics[name]["diversity"] = float(fastgen.eval.mean_pairwise_distance(groups[name]))
+        metrics[name]["diversity_ratio"] = float(
+            fastgen.eval.diversity_ratio(groups[name], groups["teacher"])
+        )
     titles = {name: f"{name}\nFD {metrics[name]['fd']:.2f} acc {metrics[name]['class_accuracy']:.2f}\n"
               f"P {metrics[name]['precision']:.2f} R {metrics[name]['recall']:.2f}" for name in SAMPLERS}  # fmt: skip
     digits_grid(out / "samples.png", {titles[n]: grid[n] for n in SAMPLERS}, per_class)
@@ -180,11 +192,13 @@ def run(args, rt: Runtime, start: float) -> dict | None:
 
 
 def summary(result: dict) -> str:
-    lines = [f"{'sampler':15s} {'class acc':>9s} {'FD':>7s} {'precision':>9s} {'recall':>7s}"]
+    lines = [f"{'sampler':15s} {'class acc':>9s} {'FD':>7s} {'precision':>9s} {'recall':>7s} "
+             f"{'diversity/teacher':>17s}"]  # fmt: skip
     for name in SAMPLERS:
         m = result[name]
         lines.append(
-            f"{name:15s} {m['class_accuracy']:9.3f} {m['fd']:7.3f} {m['precision']:9.3f} {m['recall']:7.3f}"
+            f"{name:15s} {m['class_accuracy']:9.3f} {m['fd']:7.3f} {m['precision']:9.3f} "
+            f"{m['recall']:7.3f} {m['diversity_ratio']:17.3f}"
         )
     lines.append(f"classifier held-out accuracy {result['classifier_heldout_accuracy']:.3f}; "
                  f"exported 1-step student equals eager: {result['export_equal']}")  # fmt: skip
