@@ -143,13 +143,19 @@ def test_a_resumed_run_ends_bitwise_equal_to_a_straight_one(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def test_distill_under_torchrun_reads_a_share_of_the_cache_per_rank(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [{"parallel": "ddp"}, {"parallel": "fsdp2", "lora": {"rank": 4}}],
+    ids=["ddp", "fsdp2-lora-gan"],
+)
+def test_distill_under_torchrun_reads_a_share_of_the_cache_per_rank(tmp_path, extra):
+    """DDP, and FSDP2 with LoRA and the GAN branch (dmd2_sd3's), on a latent cache."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    config = run_yaml(tmp_path, "sd3", steps=2, parallel="ddp")
+    config = run_yaml(tmp_path, "sd3", steps=2, **extra)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(Path(__file__).parent)
     proc = subprocess.run(
@@ -164,3 +170,6 @@ def test_distill_under_torchrun_reads_a_share_of_the_cache_per_rank(tmp_path):
     )
     assert meta["world_size"] == 2
     assert (tmp_path / "run" / "export" / "transformer" / "config.json").is_file()
+    if "lora" in extra:  # the adapter alone too, and the GAN branch trained its discriminator
+        assert (tmp_path / "run" / "export" / "lora" / "adapter_config.json").is_file()
+        assert "discriminator" in meta["schedulers"]
