@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from fastgen.demo import digits, ring
 from fastgen.demo.train import Runtime
+from fastgen.train import deterministic_kernels
 
 JOBS = {"digits": digits, "ring": ring}
 
@@ -48,7 +49,10 @@ def run(args: argparse.Namespace) -> dict | None:
     # Each rank its own data, noise and timesteps; DDP broadcasts rank 0's initial weights.
     torch.manual_seed(args.seed + 1000 * rank)
     job = JOBS[args.data]
-    result = job.run(args, rt, start)
+    # Deterministic kernels for every stage (the teacher's own loop too): compiled scatters,
+    # such as the label embedding's backward, would otherwise add in a varying order.
+    with deterministic_kernels():
+        result = job.run(args, rt, start)
     if result is not None:
         result["threads"] = torch.get_num_threads()
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,7 @@ from fastgen.train.config import (
     apply_overrides,
     load_run_config,
 )
+from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     # the loop
     "Trainer",
     "NonFiniteLossError",
+    "deterministic_kernels",
 ]

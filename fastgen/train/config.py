@@ -227,6 +227,12 @@ class RunConfig(BaseModel):
     compile: bool = False
     """Each loss through ``torch.compile`` (``fullgraph=True`` except under DDP)."""
 
+    deterministic: bool = True
+    """Train under deterministic kernels (:func:`fastgen.train.deterministic_kernels`): compiled
+    scatters such as an embedding's backward then do not add in a varying order, and a resumed
+    run is bitwise the straight run. ``False`` gives up that guarantee under compile (and on
+    CUDA) for whatever speed the atomic kernels gain."""
+
     parallel: Literal["none", "ddp", "fsdp2"] = "none"
     """Under torchrun: replicate the trained networks with DDP, or shard student, fake score and
     teacher with FSDP2 (the discriminator stays replicated)."""

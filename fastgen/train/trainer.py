@@ -14,7 +14,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from fastgen.dmd.factory import create_fake_score
 from fastgen.dmd.pipeline import DMDPipeline
 from fastgen.sampling import sample
 from fastgen.train.config import OptimizerConfig, RunConfig
+from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.images import image_grid, write_png
 from fastgen.train.lora import add_lora
 
@@ -183,6 +184,7 @@ class Trainer:
         self._seen_batch = 0
         self._lrs: dict[str, float] = {}
         self._validation: tuple[Tensor, Batch] | None = None
+        self._scope = ExitStack()  # what begin() turns on and end() turns off
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -390,6 +392,8 @@ class Trainer:
         :meth:`run_iteration` and :meth:`after_iteration` per iteration, then :meth:`end`."""
         run = self.run
         self.out.mkdir(parents=True, exist_ok=True)
+        # On before the first compiled call: inductor reads the flag when it compiles.
+        self._scope.enter_context(deterministic_kernels(run.deterministic))
         if run.seed is not None:
             torch.manual_seed(run.seed + 1000 * self.rank)  # each rank its own data and noise
         if self.main:
@@ -472,7 +476,8 @@ class Trainer:
             self._bar.update()
 
     def end(self) -> None:
-        """Close the progress bar and the logs."""
+        """Close the progress bar and the logs; restore the caller's determinism setting."""
+        self._scope.close()
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
@@ -492,8 +497,9 @@ class Trainer:
         Raises:
             NonFiniteLossError: A loss became NaN or inf (nothing is saved after it).
         """
-        start = self.begin(fresh=fresh)
+        start = 0
         try:
+            start = self.begin(fresh=fresh)
             for it in range(start, self.run.steps):
                 self.run_iteration(it)
                 self.after_iteration(it + 1)
