@@ -5,7 +5,9 @@ runs under ``torchrun --nproc_per_node=N`` too, and exports a diffusers student 
 ``out/export``.
 
 A bad run config, a missing path or a failed import is one line on stderr naming the key or the
-path, and exit status 2; a loss that turns NaN or inf stops the run with exit status 1.
+path, and exit status 2; a loss that turns NaN or inf stops the run with exit status 1; a
+preemption notice (SIGTERM or SIGUSR1 by default) saves a checkpoint after the iteration under
+way and exits with status 75 (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -50,7 +52,13 @@ def _distill(args: argparse.Namespace) -> int:
     import pydantic
     import torch
 
-    from fastgen.train import NonFiniteLossError, Trainer, load_run_config
+    from fastgen.train import (
+        EXIT_PREEMPTED,
+        NonFiniteLossError,
+        Preempted,
+        Trainer,
+        load_run_config,
+    )
 
     try:
         run = load_run_config(args.config, args.set)
@@ -100,6 +108,10 @@ def _distill(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"fastgen: {err}", file=sys.stderr)
         return 1
+    except Preempted as err:  # saved: a requeue script reruns the same command on this status
+        if trainer.main:
+            print(f"fastgen: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     if trainer.main:
         print(f"done: {result['step']} steps in {run.out}")
         student = trainer.ema_student()

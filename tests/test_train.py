@@ -249,6 +249,62 @@ def test_cli_sigkill_twice_then_resume_equals_the_straight_run(tmp_path):
     assert seen[0] < seen[1]
 
 
+def test_cli_sigterm_saves_after_the_iteration_exits_75_and_the_rerun_resumes_bitwise(tmp_path):
+    # Data that takes 50 ms a batch (the same batches): SIGTERM meets the run mid-iteration.
+    config = write_config(tmp_path / "run.yaml", steps=30, data="train_toys:slow_data",
+                          checkpoint={"every": 1000})  # fmt: skip
+    straight = cli("distill", str(config), "--set", f"out={tmp_path / 'straight'}")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    out = tmp_path / "stopped"
+    child = cli("distill", str(config), "--set", f"out={out}")
+    deadline = time.time() + 120
+    while not (out / "tensorboard").exists() and time.time() < deadline:
+        time.sleep(0.05)  # the loop has begun (the handlers are in place)
+    time.sleep(1.0)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == fastgen.train.EXIT_PREEMPTED == 75, err
+    saved = fastgen.latest_checkpoint(out / "checkpoints")
+    assert saved is not None and 0 < int(saved.name.split("_")[1]) < 30  # not a scheduled save
+    assert (
+        err
+        == f"fastgen: stopped by SIGTERM after iteration {int(saved.name[5:])}; saved {saved}; rerun the same command to resume\n"
+    )
+    resumed = cli("distill", str(config), "--set", f"out={out}")
+    stdout, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed from step {int(saved.name[5:])}" in stdout
+    assert differences(final_state(tmp_path / "straight"), final_state(out)) == []
+
+
+def test_a_second_notice_ends_the_process_at_once():
+    code = (
+        "import os, signal, time\n"
+        "from fastgen.train import PreemptionNotice\n"
+        "with PreemptionNotice(('SIGUSR1',)) as n:\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(0.1)\n"
+        "    print(n.received, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(0.1)\n"
+        "    print('still here')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGUSR1 and proc.stdout == "SIGUSR1\n", proc
+
+
+def test_every_minutes_saves_on_the_clock(tmp_path):
+    run = run_config(
+        tmp_path / "a", checkpoint={"every": 1000, "keep": None, "every_minutes": 1e-6}
+    )
+    trainer(run, Data()).fit()
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == [f"step_{i:08d}" for i in range(1, 7)]
+    run = run_config(tmp_path / "b", checkpoint={"every": 1000, "keep": None, "every_minutes": 60})
+    trainer(run, Data()).fit()
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_00000006"]
+
+
 def test_the_run_configs_of_the_guide_and_the_readme_are_valid():
     import re
 

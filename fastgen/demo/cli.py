@@ -3,7 +3,8 @@
 Runs on one process or under ``torchrun --nproc_per_node=2 -m fastgen.demo`` (DDP: gloo on CPU,
 nccl on CUDA; each rank draws its own data and noise, rank 0 evaluates and writes the files).
 Every stage checkpoints into ``--out``; the same command with the same ``--out`` resumes where a
-killed run stopped and ends with the same results (``--fresh`` starts over).
+killed run stopped and ends with the same results (``--fresh`` starts over). A SIGTERM or
+SIGUSR1 (one process) saves after the update under way and exits with status 75.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch.distributed as dist
 
 from fastgen.demo import digits, ring
 from fastgen.demo.train import Runtime
-from fastgen.train import deterministic_kernels
+from fastgen.train import EXIT_PREEMPTED, Preempted, deterministic_kernels
 
 JOBS = {"digits": digits, "ring": ring}
 
@@ -95,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.checkpoint_every < 1:
         parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
-    run(args)
+    try:
+        run(args)
+    except Preempted as err:  # saved: the same command resumes
+        print(f"fastgen-demo: {err}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from fastgen.train.config import (
     load_run_config,
 )
 from fastgen.train.determinism import deterministic_kernels
+from fastgen.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionNotice
 from fastgen.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
@@ -35,4 +36,8 @@ __all__ = [
     "Trainer",
     "NonFiniteLossError",
     "deterministic_kernels",
+    # preemption
+    "Preempted",
+    "PreemptionNotice",
+    "EXIT_PREEMPTED",
 ]

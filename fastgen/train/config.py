@@ -88,6 +88,19 @@ class CheckpointConfig(BaseModel):
     keep: int | None = Field(3, ge=1)
     """Keep the newest this many checkpoints (``None``: keep all)."""
 
+    every_minutes: float | None = Field(None, gt=0)
+    """Also save once this many minutes have passed since the last save (read after each
+    iteration; under DDP/FSDP2 at logging iterations, where the ranks agree)."""
+
+    signals: tuple[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"], ...] = (
+        "SIGTERM",
+        "SIGUSR1",
+    )
+    """Preemption notices: on the first, the run finishes the iteration under way, saves and
+    stops (:class:`~fastgen.train.Preempted`; ``fastgen distill`` exits with status 75); a
+    second ends the process at once. Under DDP/FSDP2 the ranks agree at the next logging
+    iteration. ``[]``: no handlers."""
+
 
 class LogConfig(BaseModel):
     """What is logged, and how often."""

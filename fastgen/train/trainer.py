@@ -32,6 +32,7 @@ from fastgen.train.config import OptimizerConfig, RunConfig
 from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.images import image_grid, write_png
 from fastgen.train.lora import add_lora
+from fastgen.train.preemption import Preempted, PreemptionNotice
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -354,6 +355,7 @@ class Trainer:
         path = save_checkpoint(root / f"step_{done:08d}", pipeline=self.pipeline,
                                optimizers=self.optimizers, schedulers=self.schedulers, step=done,
                                extra={"data": data_state})  # fmt: skip
+        self._saved_at = time.monotonic()
         keep = self.run.checkpoint.keep
         if self.main:
             for stale in list(root.glob(".*.tmp")) + list(root.glob(".*.old")):
@@ -394,6 +396,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         # On before the first compiled call: inductor reads the flag when it compiles.
         self._scope.enter_context(deterministic_kernels(run.deterministic))
+        self._notice = self._scope.enter_context(PreemptionNotice(run.checkpoint.signals))
+        self._saved_at = time.monotonic()
         if run.seed is not None:
             torch.manual_seed(run.seed + 1000 * self.rank)  # each rank its own data and noise
         if self.main:
@@ -467,13 +471,35 @@ class Trainer:
                           if k.startswith("loss/") and k.endswith("/total")}  # fmt: skip
                 rate = 1 / max(self._scalars["time/seconds_per_iteration"], 1e-9)
                 self._bar.set_postfix(losses | {"it/s": f"{rate:.2f}"})
-        if done % run.checkpoint.every == 0 or last:
+        stop, due = self._stop_or_due(done)
+        if done % run.checkpoint.every == 0 or last or due or stop is not None:
             self._check_finite()
-            self._save(done)
+            path = self._save(done)
+            if stop is not None:
+                raise Preempted(stop, done, path)
         if run.validation.every is not None and (done % run.validation.every == 0 or last):
             self._validate(done)
         if self._bar is not None:
             self._bar.update()
+
+    def _stop_or_due(self, done: int) -> tuple[str | None, bool]:
+        """The preemption notice received (its name) and whether a timed save is due.
+
+        One process reads both after every iteration (Python state: no host sync). Ranks must
+        agree, and may have received the notice between different iterations: they read it at
+        logging iterations, where the step already synchronizes, with one all-reduce.
+        """
+        minutes = self.run.checkpoint.every_minutes
+        due = minutes is not None and time.monotonic() - self._saved_at >= 60 * minutes
+        stop = self._notice.received
+        if self.world == 1:
+            return stop, due
+        if done % self.run.log.every != 0:
+            return None, False
+        flags = torch.tensor([stop is not None, due], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        any_stop, any_due = flags.tolist()
+        return (stop or "a preemption notice") if any_stop else None, bool(any_due)
 
     def end(self) -> None:
         """Close the progress bar and the logs; restore the caller's determinism setting."""
@@ -496,6 +522,8 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: A loss became NaN or inf (nothing is saved after it).
+            Preempted: A preemption notice (``run.checkpoint.signals``) arrived; the run saved
+                after the iteration under way and stopped.
         """
         start = 0
         try:
