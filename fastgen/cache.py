@@ -170,6 +170,8 @@ class LatentCache:
             self._handles.append(handle)
             placeholder.append((handle.metadata() or {}).get(PLACEHOLDER_KEY) == "placeholder")
         self.keys = keys
+        self.shapes: dict[str, tuple[int, ...]] = shapes
+        """Every key's per-sample shape (no batch dimension)."""
         self.placeholder_latents = any(placeholder)
         """Whether ``latents`` are zeros (a prompts-only cache): fine for 1-step and
         backward-simulation students without the GAN branch, which never read them."""
@@ -225,6 +227,22 @@ class LatentCache:
             else:
                 batch[key] = torch.cat([self._row(key, i) for i in indices])
         return batch
+
+    def locate(self, state: dict[str, int], row: int) -> tuple[Path, int]:
+        """Where row ``row`` of the batch read from position ``state`` (:meth:`state_dict`
+        before the read) comes from: the shard file and the sample's index in it."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if position >= self.batches_per_epoch:
+            epoch, position = epoch + 1, 0
+        saved = self.epoch, self._order
+        self.epoch, self._order = epoch, None
+        try:
+            mine = self._permutation()[self.rank :: self.world]
+        finally:
+            self.epoch, self._order = saved
+        index = int(mine[position * self.batch_size + row])
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return self.files[shard], index - self._starts[shard]
 
     def state_dict(self) -> dict[str, int]:
         """The position: the epoch and the batches of it already read."""

@@ -16,7 +16,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ def _distill(args: argparse.Namespace) -> int:
 
     from fastgen.train import (
         EXIT_PREEMPTED,
+        NonFiniteDataError,
         NonFiniteLossError,
         Preempted,
         Trainer,
@@ -99,12 +100,24 @@ def _distill(args: argparse.Namespace) -> int:
         from fastgen.train.folders import call_for
 
         call = call_for(type(nets["teacher"]).__name__)
+    config = getattr(nets["teacher"], "config", None)
+    if hasattr(data, "shapes") and isinstance(config, Mapping):  # before step 1, not in conv2d
+        from fastgen.cache import CacheError
+        from fastgen.train.data_checks import check_cache_against_config
+
+        try:
+            check_cache_against_config(data.shapes, config,
+                                       packs_patches=getattr(call, "packs_patches", False))  # fmt: skip
+        except CacheError as err:
+            raise UsageError(str(err)) from None
     try:
         trainer = Trainer(run, data=data, dmd=dmd, call=call, **nets)
     except (ValueError, TypeError) as err:  # the run config against the networks it got
         raise UsageError(f"{args.config}: {_one_line(err)}") from None
     try:
         result = trainer.fit(fresh=args.fresh)
+    except NonFiniteDataError as err:  # bad input, named by shard and sample
+        raise UsageError(str(err)) from None
     except NonFiniteLossError as err:
         print(f"fastgen: {err}", file=sys.stderr)
         return 1

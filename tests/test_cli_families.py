@@ -101,6 +101,41 @@ def _empty_cache(tmp_path):
         f.unlink()
 
 
+def _rewrite_cache(tmp_path, change):
+    from families import samples
+
+    from fastgen.cache import write_shard
+
+    for i in range(2):
+        tensors = samples("sd3", 4, seed=i)
+        change(i, tensors)
+        write_shard(tmp_path / "cache" / f"shard_{i:03d}", tensors)
+
+
+def _seven_channels(tmp_path):
+    _rewrite_cache(tmp_path, lambda i, t: t.update(latents=torch.zeros(4, 7, 8, 8)))
+
+
+def _odd_size(tmp_path):
+    _rewrite_cache(tmp_path, lambda i, t: t.update(latents=torch.zeros(4, 4, 7, 8)))
+
+
+def _text_width(tmp_path):
+    _rewrite_cache(tmp_path, lambda i, t: t.update(encoder_hidden_states=torch.zeros(4, 5, 9)))
+
+
+def _pooled_width(tmp_path):
+    _rewrite_cache(tmp_path, lambda i, t: t.update(pooled_projections=torch.zeros(4, 3)))
+
+
+def _nan_in_one_sample(tmp_path):
+    def change(i, tensors):
+        if i == 1:
+            tensors["encoder_hidden_states"][2, 1, 3] = float("nan")
+
+    _rewrite_cache(tmp_path, change)
+
+
 def _teacher_without_config(tmp_path):
     (tmp_path / "teacher" / "transformer" / "config.json").unlink()
 
@@ -113,6 +148,36 @@ def _teacher_without_config(tmp_path):
         (_break_cache_without_latents, [], "shard_000.safetensors: no 'latents'"),
         (_break_cache_batches, [], "'encoder_hidden_states' has batch 3, 'latents' has 2"),
         (_teacher_without_config, [], "teacher: no config.json in .*transformer"),
+        (
+            _seven_channels,
+            [],
+            r"data.cache: 'latents' has per-sample shape \(7, 8, 8\), the "
+            r"teacher takes \(4, 8, 8\) \(in_channels 4\)$",
+        ),
+        (
+            _odd_size,
+            [],
+            r"data.cache: 'latents' has per-sample shape \(4, 7, 8\): the teacher's "
+            r"patch_size \(2, 2\) does not divide its sizes \(7, 8\)$",
+        ),
+        (
+            _text_width,
+            [],
+            r"'encoder_hidden_states' has per-sample shape \(5, 9\), the teacher "
+            r"takes \(5, 16\) \(joint_attention_dim 16\)$",
+        ),
+        (
+            _pooled_width,
+            [],
+            r"'pooled_projections' has per-sample shape \(3,\), the teacher "
+            r"takes \(12,\) \(pooled_projection_dim 12\)$",
+        ),
+        (
+            _nan_in_one_sample,
+            [],
+            r"non-finite value: 'encoder_hidden_states' of sample 2 of "
+            r".*cache/shard_001.safetensors \(a batch of iteration [12]\)",
+        ),
         (None, ["--set", "teacher.class=NoSuchModel"], "teacher: diffusers has no model class"),
     ],
 )

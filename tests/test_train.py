@@ -22,7 +22,13 @@ from train_toys import Data, Interrupted, networks
 import fastgen
 from fastgen.cli import main
 from fastgen.dmd.state import network_state
-from fastgen.train import NonFiniteLossError, RunConfig, Trainer, apply_overrides
+from fastgen.train import (
+    NonFiniteDataError,
+    NonFiniteLossError,
+    RunConfig,
+    Trainer,
+    apply_overrides,
+)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -92,13 +98,33 @@ def test_fresh_starts_over(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_loss_and_iteration_and_saves_nothing_after(tmp_path):
-    # call 13 is the first fake-score batch of iteration 5 (3 batches per iteration)
-    t = trainer(run_config(tmp_path / "a", log={"every": 1, "progress": False}), Data(nan_at=13))
+    t = trainer(run_config(tmp_path / "a", log={"every": 1, "progress": False}), Data())
+    real, calls = t.losses["fake_score"], []
+
+    def poisoned(*args, **kwargs):  # call 9 is the first fake-score update of iteration 5
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return dict(out, total=out["total"] * float("nan")) if len(calls) >= 9 else out
+
+    t.losses["fake_score"] = poisoned
     with pytest.raises(
         NonFiniteLossError, match=r"the fake_score loss is not finite \(NaN or inf\) at iteration 5"
     ) as err:
         t.fit()
     assert "step_00000004" in str(err.value)
+    assert fastgen.latest_checkpoint(tmp_path / "a" / "checkpoints").name == "step_00000004"
+
+
+def test_nan_data_stops_naming_the_key_and_sample_before_the_loss(tmp_path):
+    # call 13 is the first fake-score batch of iteration 5 (3 batches per iteration)
+    t = trainer(run_config(tmp_path / "a", log={"every": 1, "progress": False}), Data(nan_at=13))
+    with pytest.raises(
+        NonFiniteDataError,
+        match=r"^the data holds a non-finite value: 'encoder_hidden_states' of sample 0 of the "
+        r"batch \(a batch of iteration 5\); stopped without saving. The latest checkpoint is "
+        r".*step_00000004$",
+    ):
+        t.fit()
     assert fastgen.latest_checkpoint(tmp_path / "a" / "checkpoints").name == "step_00000004"
 
 

@@ -15,6 +15,7 @@ from fastgen.train.config import (
     apply_overrides,
     load_run_config,
 )
+from fastgen.train.data_checks import NonFiniteDataError, check_cache_against_config
 from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionNotice
 from fastgen.train.trainer import NonFiniteLossError, Trainer
@@ -35,6 +36,8 @@ __all__ = [
     # the loop
     "Trainer",
     "NonFiniteLossError",
+    "NonFiniteDataError",
+    "check_cache_against_config",
     "deterministic_kernels",
     # preemption
     "Preempted",

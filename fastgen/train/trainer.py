@@ -29,6 +29,7 @@ from fastgen.dmd.factory import create_fake_score
 from fastgen.dmd.pipeline import DMDPipeline
 from fastgen.sampling import sample
 from fastgen.train.config import OptimizerConfig, RunConfig
+from fastgen.train.data_checks import NonFiniteDataError, nonfinite_rows
 from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.images import image_grid, write_png
 from fastgen.train.lora import add_lora
@@ -186,6 +187,13 @@ class Trainer:
         self._lrs: dict[str, float] = {}
         self._validation: tuple[Tensor, Batch] | None = None
         self._scope = ExitStack()  # what begin() turns on and end() turns off
+        self._bad_data: Tensor | None = None  # [call, row, key] of the first non-finite sample
+        self._positions: list[dict | None] = []  # the data's position before each call
+        self._batch_keys: list[str] = []
+        self._done = 0
+        self._calls_per_iteration = (
+            self.dmd.student_update_freq * (2 if "discriminator" in self._params else 1) + 1
+        )
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -227,10 +235,17 @@ class Trainer:
     # --- one update -----------------------------------------------------------------------
 
     def _batch(self) -> tuple[Tensor, Tensor | None, dict, dict]:
+        # the data's position before the read: where a bad sample came from, if one shows up
+        self._positions.append(self.data.state_dict() if hasattr(self.data, "state_dict") else None)
         batch = self.data()
         if not isinstance(batch, dict) or "latents" not in batch:
             raise ValueError("data() must return a dict with 'latents' (and conditioning keys)")
         moved = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        if self._bad_data is None:
+            self._bad_data = torch.full((3,), -1, dtype=torch.int64, device=self.device)
+        self._bad_data = nonfinite_rows(moved, self._bad_data, len(self._positions) - 1)
+        self._batch_keys = [k for k, v in moved.items()
+                            if isinstance(v, Tensor) and v.is_floating_point()]  # fmt: skip
         latents = moved.pop("latents")
         ehs = moved.pop("encoder_hidden_states", None)
         negative = {k[len("negative_"):]: moved.pop(k) for k in list(moved) if k.startswith("negative_")}  # fmt: skip
@@ -275,7 +290,29 @@ class Trainer:
             (bad < 0) & ~torch.isfinite(loss.detach().float()), iteration, bad
         )
 
+    def _check_data(self, done: int) -> None:
+        """Raise on the first non-finite batch since the last check (one host read)."""
+        positions, self._positions = self._positions, []
+        if self._bad_data is None:
+            return
+        call, row, key = (int(v) for v in self._bad_data.tolist())
+        if call < 0:
+            return
+        first = done - len(positions) // self._calls_per_iteration + 1
+        iteration = first + call // self._calls_per_iteration
+        name = self._batch_keys[key] if key < len(self._batch_keys) else "a tensor"
+        where = f"sample {row} of the batch"
+        if hasattr(self.data, "locate") and positions[call] is not None:
+            shard, index = self.data.locate(positions[call], row)
+            where = f"sample {index} of {shard}"
+        last = latest_checkpoint(self.out / "checkpoints")
+        raise NonFiniteDataError(
+            f"the data holds a non-finite value: {name!r} of {where} (a batch of iteration "
+            f"{iteration}); stopped without saving. The latest checkpoint is {last or 'none'}"
+        )
+
     def _check_finite(self) -> None:
+        self._check_data(self._done)
         for name, bad in self._bad.items():
             step = int(bad)
             if step >= 0:
@@ -461,6 +498,7 @@ class Trainer:
         validation samples and the progress bar, each on its schedule."""
         run = self.run
         last = done == run.steps
+        self._done = done
         if done % run.log.every == 0 or last:
             self._check_finite()
             now = time.perf_counter()
@@ -522,6 +560,8 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: A loss became NaN or inf (nothing is saved after it).
+            NonFiniteDataError: A batch held NaN or inf (checked with the losses; the message
+                names the key, the sample and, from a latent cache, its shard).
             Preempted: A preemption notice (``run.checkpoint.signals``) arrived; the run saved
                 after the iteration under way and stopped.
         """
