@@ -1,5 +1,5 @@
 """The ``fastgen`` command: ``fastgen cache --pipeline DIR --images DIR --out CACHE``,
-``fastgen distill RUN.yaml [--set k=v ...] [--fresh]``,
+``fastgen cache --verify CACHE``, ``fastgen distill RUN.yaml [--set k=v ...] [--fresh]``,
 ``fastgen sample --student DIR --cache DIR --out FILE`` and ``fastgen recipes``. ``distill``
 runs under ``torchrun --nproc_per_node=N`` too, and exports a diffusers student to
 ``out/export``.
@@ -226,6 +226,18 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    if args.verify is not None:
+        from fastgen.cache import CacheError, verify_cache
+
+        try:
+            found = verify_cache(args.verify)
+        except CacheError as err:
+            raise UsageError(str(err)) from None
+        print(f"{args.verify}: {found['samples']} samples in {found['shards']} shards: readable, "
+              f"finite, {found['hashed']} tensors match their SHA-256")  # fmt: skip
+        return 0
+    if args.pipeline is None or args.out is None:
+        raise UsageError("cache: --pipeline and --out are required (or --verify CACHE)")
     from fastgen.train.encode import encode_cache
 
     try:
@@ -279,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     enc = sub.add_parser(
         "cache", help="encode images and captions (or prompts) into a latent cache"
     )
-    enc.add_argument(
-        "--pipeline", required=True, help="a diffusers pipeline folder (its VAE and text encoders)"
-    )
-    enc.add_argument("--out", required=True, help="the cache folder to write")
+    enc.add_argument("--pipeline", help="a diffusers pipeline folder (its VAE and text encoders)")
+    enc.add_argument("--out", help="the cache folder to write")
+    enc.add_argument("--verify", metavar="CACHE", help="check a whole cache instead: readable, "
+                     "every tensor's SHA-256, every value finite (nothing is written)")  # fmt: skip
     enc.add_argument(
         "--images", help="an image folder with metadata.jsonl ({file_name, text} per line)"
     )
