@@ -5,7 +5,9 @@ runs under ``torchrun --nproc_per_node=N`` too, and exports a diffusers student 
 ``out/export``.
 
 A bad run config, a missing path or a failed import is one line on stderr naming the key or the
-path, and exit status 2; a loss that turns NaN or inf stops the run with exit status 1; a
+path, and exit status 2 (so is a damaged checkpoint at resume, a cache changed under a run, a
+full disk or an unwritable run folder: a save that fails leaves the newest whole checkpoint
+newest); a loss that turns NaN or inf stops the run with exit status 1; a
 preemption notice (SIGTERM or SIGUSR1 by default) saves a checkpoint after the iteration under
 way and exits with status 75 (rerun the same command to resume).
 """
@@ -52,6 +54,8 @@ def _distill(args: argparse.Namespace) -> int:
     import pydantic
     import torch
 
+    from fastgen.cache import CacheError
+    from fastgen.errors import CheckpointError
     from fastgen.train import (
         EXIT_PREEMPTED,
         NonFiniteDataError,
@@ -102,7 +106,6 @@ def _distill(args: argparse.Namespace) -> int:
         call = call_for(type(nets["teacher"]).__name__)
     config = getattr(nets["teacher"], "config", None)
     if hasattr(data, "shapes") and isinstance(config, Mapping):  # before step 1, not in conv2d
-        from fastgen.cache import CacheError
         from fastgen.train.data_checks import check_cache_against_config
 
         try:
@@ -118,6 +121,10 @@ def _distill(args: argparse.Namespace) -> int:
         result = trainer.fit(fresh=args.fresh)
     except NonFiniteDataError as err:  # bad input, named by shard and sample
         raise UsageError(str(err)) from None
+    except (CheckpointError, CacheError) as err:  # a damaged checkpoint, a cache changed since
+        raise UsageError(_one_line(err)) from None
+    except OSError as err:  # out of disk, an unwritable run folder, a file gone: the path
+        raise UsageError(_os_line(err)) from None
     except NonFiniteLossError as err:
         print(f"fastgen: {err}", file=sys.stderr)
         return 1
@@ -183,6 +190,12 @@ def _data(run: Any, rank: int, world: int) -> Any:
                            world=world, seed=run.seed or 0, shuffle=run.data.shuffle)  # fmt: skip
     except CacheError as err:
         raise UsageError(f"data.cache: {err}") from None
+
+
+def _os_line(err: OSError) -> str:
+    if err.filename is None:
+        return _one_line(err)
+    return f"{err.filename}: {err.strerror or _one_line(err)}"
 
 
 def _one_line(err: BaseException) -> str:

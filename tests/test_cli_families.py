@@ -229,3 +229,17 @@ def test_distill_under_torchrun_reads_a_share_of_the_cache_per_rank(tmp_path):
     )
     assert meta["world_size"] == 2
     assert (tmp_path / "run" / "export" / "transformer" / "config.json").is_file()
+
+
+def test_a_cache_shard_deleted_under_a_run_is_one_line_at_resume(tmp_path, capsys):
+    # A running process keeps reading its memory-mapped shards; the rerun finds fewer samples.
+    config = run_yaml(tmp_path, "sd3")
+    assert main(["distill", config]) == 0
+    (tmp_path / "cache" / "shard_001.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["distill", config, "--set", "steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "fastgen: error: the checkpoint's data position is for 8 samples; "
+        f"{str(tmp_path / 'cache')!r} holds 4\n"
+    )

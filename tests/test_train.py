@@ -303,6 +303,57 @@ def test_cli_sigterm_saves_after_the_iteration_exits_75_and_the_rerun_resumes_bi
     assert differences(final_state(tmp_path / "straight"), final_state(out)) == []
 
 
+def test_cli_a_damaged_checkpoint_at_resume_is_one_line_naming_the_file(tmp_path, capsys):
+    config = write_config(tmp_path / "run.yaml", steps=2)
+    assert main(["distill", str(config)]) == 0
+    newest = fastgen.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    shard = next(newest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["distill", str(config), "--set", "steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastgen: error: ") and shard.name in err, err
+
+
+def test_cli_a_full_disk_during_a_save_is_one_line_and_leaves_the_last_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    import fastgen.checkpoint as ckpt
+
+    real, writes = ckpt._write, []
+
+    def write(path, data):  # the disk fills up during the third save
+        writes.append(path)
+        if "step_00000003" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write", write)
+    config = write_config(tmp_path / "run.yaml", steps=4)
+    assert main(["distill", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(
+        "step_00000003.tmp/rng/rank_00000.pt: No space left on device\n"
+    ), err
+    last = fastgen.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert last.name == "step_00000002"
+    monkeypatch.setattr(ckpt, "_write", real)  # space again: the rerun resumes from it
+    assert main(["distill", str(config)]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+
+
+def test_cli_an_unusable_run_folder_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    config = write_config(tmp_path / "run.yaml", out=str(tmp_path / "file" / "run"))
+    assert main(["distill", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastgen: error: {tmp_path / 'file' / 'run'}: Not a directory\n"
+
+
 def test_a_second_notice_ends_the_process_at_once():
     code = (
         "import os, signal, time\n"
