@@ -72,13 +72,91 @@ def test_the_export_holds_the_ema_weights(tmp_path):
     )  # the EMA, not the last student
 
 
-def test_distill_compiled(tmp_path, capsys):
-    # GAN off: two compiled losses (inductor), the slowest test of this file
-    config = run_yaml(tmp_path, "sd3", compile=True, steps=1,
-                      dmd={"student_update_freq": 1, "gan_loss_weight_gen": 0.0})  # fmt: skip
-    assert main(["distill", config]) == 0
-    assert "done: 1 steps" in capsys.readouterr().out
-    assert (tmp_path / "run" / "export" / "transformer" / "config.json").is_file()
+# Runs `fastgen distill` in a subprocess; with a marker path, it touches the marker and sleeps
+# at one point (in the save of step 2, or in the first update of a resumed iteration) for the
+# test to SIGKILL it there.
+_STALLED = """
+import sys, time
+from pathlib import Path
+import fastgen.checkpoint as ckpt
+from fastgen.cli import main
+from fastgen.train import Trainer
+where, marker = sys.argv[1], sys.argv[2]
+
+def stall():
+    Path(marker).touch()
+    time.sleep(600)
+
+if where == "save":
+    write = ckpt._write
+    def slow_write(path, data):
+        write(path, data)
+        if "step_00000002" in str(path) and path.name == "meta.json":
+            stall()
+    ckpt._write = slow_write
+elif where == "step":
+    update, calls = Trainer._update, []
+    def slow_update(self, name, iteration):
+        calls.append(name)
+        if len(calls) == 2:  # after one update of the iteration: its state is half-changed
+            stall()
+        return update(self, name, iteration)
+    Trainer._update = slow_update
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_distill_compiled_killed_in_a_save_and_in_a_step_resumes_bitwise(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    config = run_yaml(tmp_path, "sd3", compile=True, steps=3,
+                      dmd={"student_update_freq": 2, "gan_loss_weight_gen": 0.0,
+                           "ema": {"decay": 0.5}})  # fmt: skip
+
+    def distill(out, where="none", marker=""):
+        argv = [sys.executable, "-c", _STALLED, where, marker, "distill", config,
+                "--set", f"out={out}"]  # fmt: skip
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def exported(out):
+        return load_file(
+            str(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+        )
+
+    straight = distill(tmp_path / "straight")
+    stdout, err = straight.communicate(timeout=900)
+    assert straight.returncode == 0, err
+    assert "done: 3 steps" in stdout
+    out = tmp_path / "killed"
+    for where in ("save", "step"):
+        marker = tmp_path / f"in_{where}"
+        child = distill(out, where, str(marker))
+        deadline = time.time() + 600
+        while not marker.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), child.communicate()[1]
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # the save of step 2 never published; the kill in a step was after it (from step 1)
+    assert fastgen_latest(out).name == "step_00000001"
+    resumed = distill(out)
+    stdout, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err
+    assert "resumed from step 1" in stdout
+    a, b = exported(tmp_path / "straight"), exported(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fastgen_latest(out):
+    from fastgen import latest_checkpoint
+
+    return latest_checkpoint(out / "checkpoints")
 
 
 def _break_cache_without_latents(tmp_path):
