@@ -90,6 +90,24 @@ def test_interrupted_run_resumes_to_the_straight_run_bitwise(tmp_path, stop_at, 
         "step_00000004", "step_00000006"]  # fmt: skip
 
 
+def test_a_resume_under_other_conditions_says_so(tmp_path, capsys):
+    trainer(run_config(tmp_path / "a", steps=2), Data()).fit()
+    trainer(run_config(tmp_path / "a", steps=4), Data()).fit()
+    assert "note:" not in capsys.readouterr().out  # the same conditions: nothing to say
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        trainer(
+            run_config(tmp_path / "a", steps=6, compile=True, deterministic=False), Data()
+        ).begin()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "note: this resumed run may differ in the last bits from one that never stopped: " in out
+    assert f"saved on {threads} CPU threads, resumed on {threads + 1}" in out
+    assert "compiled with deterministic: false" in out
+
+
 def test_fresh_starts_over(tmp_path, capsys):
     trainer(run_config(tmp_path / "a", steps=2), Data()).fit()
     again = trainer(run_config(tmp_path / "a", steps=2), Data())

@@ -94,12 +94,21 @@ def check_cache_against_config(
             )
 
 
+def _checked(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and value.ndim > 0
+
+
+def checked_keys(batch: Mapping[str, Any]) -> list[str]:
+    """The keys :func:`nonfinite_rows` checks, in its order (its key index counts these)."""
+    return [k for k, v in batch.items() if _checked(v)]
+
+
 def nonfinite_rows(batch: Mapping[str, Any], found: Tensor, call: int) -> Tensor:
     """Record the first non-finite value of ``batch`` into ``found``, on the device.
 
     ``found`` is ``[call, row, key index]`` of the first bad sample seen so far, ``-1``
-    everywhere while there is none; the key index counts ``batch``'s floating-point tensors in
-    order. No host sync: the caller reads ``found`` when it reads its losses anyway.
+    everywhere while there is none; the key index counts ``batch``'s batch-first
+    floating-point tensors in order (:func:`checked_keys`). No host sync: the caller reads ``found`` when it reads its losses anyway.
 
     Args:
         batch: One batch (batch-first tensors; other values are skipped).
@@ -115,7 +124,7 @@ def nonfinite_rows(batch: Mapping[str, Any], found: Tensor, call: int) -> Tensor
         >>> nonfinite_rows({"a": torch.tensor([[1.0], [float("nan")]])}, found, call=2).tolist()
         [2, 1, 0]
     """
-    floats = [v for v in batch.values() if isinstance(v, Tensor) and v.is_floating_point()]
+    floats = [v for v in batch.values() if _checked(v)]
     for k, value in enumerate(floats):
         bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1)
         row = bad.to(torch.int64).argmax()

@@ -29,7 +29,7 @@ from fastgen.dmd.factory import create_fake_score
 from fastgen.dmd.pipeline import DMDPipeline
 from fastgen.sampling import sample
 from fastgen.train.config import OptimizerConfig, RunConfig
-from fastgen.train.data_checks import NonFiniteDataError, nonfinite_rows
+from fastgen.train.data_checks import NonFiniteDataError, checked_keys, nonfinite_rows
 from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.images import image_grid, write_png
 from fastgen.train.lora import add_lora
@@ -244,8 +244,7 @@ class Trainer:
         if self._bad_data is None:
             self._bad_data = torch.full((3,), -1, dtype=torch.int64, device=self.device)
         self._bad_data = nonfinite_rows(moved, self._bad_data, len(self._positions) - 1)
-        self._batch_keys = [k for k, v in moved.items()
-                            if isinstance(v, Tensor) and v.is_floating_point()]  # fmt: skip
+        self._batch_keys = checked_keys(moved)
         latents = moved.pop("latents")
         ehs = moved.pop("encoder_hidden_states", None)
         negative = {k[len("negative_"):]: moved.pop(k) for k in list(moved) if k.startswith("negative_")}  # fmt: skip
@@ -391,7 +390,7 @@ class Trainer:
         data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
         path = save_checkpoint(root / f"step_{done:08d}", pipeline=self.pipeline,
                                optimizers=self.optimizers, schedulers=self.schedulers, step=done,
-                               extra={"data": data_state})  # fmt: skip
+                               extra={"data": data_state, **self._conditions()})  # fmt: skip
         self._saved_at = time.monotonic()
         keep = self.run.checkpoint.keep
         if self.main:
@@ -421,7 +420,28 @@ class Trainer:
             self.data.load_state_dict(data_state)
         if self.main:
             print(f"resumed from step {info.step} ({last})", flush=True)
+            notes = self._resume_notes(info.extra or {})
+            if notes:
+                print(f"note: this resumed run may differ in the last bits from one that never "
+                      f"stopped: {'; '.join(notes)}", flush=True)  # fmt: skip
         return info.step
+
+    def _conditions(self) -> dict[str, Any]:
+        """What the bitwise resume depends on besides the checkpoint (saved in its extra)."""
+        return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                "deterministic": self.run.deterministic}  # fmt: skip
+
+    def _resume_notes(self, saved: dict[str, Any]) -> list[str]:
+        now, notes = self._conditions(), []
+        if saved.get("torch", now["torch"]) != now["torch"]:
+            notes.append(f"saved with torch {saved['torch']}, resumed with {now['torch']}")
+        if self.device.type == "cpu" and saved.get("threads", now["threads"]) != now["threads"]:
+            notes.append(f"saved on {saved['threads']} CPU threads, resumed on {now['threads']} "
+                         "(CPU kernels split their reductions by thread)")  # fmt: skip
+        if self.run.compile and not self.run.deterministic:
+            notes.append("compiled with deterministic: false (compiled scatters add in a varying "
+                         "order)")  # fmt: skip
+        return notes
 
     # --- the loop -------------------------------------------------------------------------
 
