@@ -205,3 +205,25 @@ def test_quick_ring_run(tmp_path):
     assert m["student_1step"]["swd"] < m["teacher_1step"]["swd"]
     samples = torch.load(out / "samples.pt")
     assert samples["student_1step"].shape == (8192, 2) and "labels" not in samples
+
+
+def test_the_teacher_stage_saves_and_stops_on_a_preemption_notice(tmp_path):
+    import signal
+
+    from fastgen import latest_checkpoint
+    from fastgen.train import Preempted
+
+    rt = train.Runtime(torch.device("cpu"), 0, 1, compiled=False, out=tmp_path, checkpoint_every=50)
+    digits = data.load_digits(rt.device)
+    calls = []
+
+    def batch():
+        calls.append(1)
+        if len(calls) == 3:  # the notice arrives during step 3 (0-based 2)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return data.batch_of(digits.train_x, digits.train_y, 8)
+
+    with pytest.raises(Preempted, match=r"^stopped by SIGUSR1 after iteration 3; saved "):
+        train.train_teacher(rt, DigitsFlowNet(width=16, depth=1), batch, 100, lr=1e-3)
+    assert latest_checkpoint(tmp_path / "teacher" / "checkpoints").name == "step_00000003"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone again
