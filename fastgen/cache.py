@@ -21,6 +21,7 @@ permutation, and its position is a small dict saved in the run's checkpoints.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["PLACEHOLDER_KEY", "CacheError", "LatentCache", "write_shard"]
+__all__ = ["PLACEHOLDER_KEY", "CacheError", "LatentCache", "verify_cache", "write_shard"]
 
 NEGATIVE = "negative_"
 PLACEHOLDER_KEY = "fastgen.latents"
+HASH_PREFIX = "fastgen.sha256."
 
 
 class CacheError(ValueError):
@@ -73,7 +75,8 @@ def write_shard(
         path: The shard's file (``.safetensors`` is appended when missing).
         tensors: ``latents`` and the conditioning, batch-first.
         metadata: safetensors' string metadata (``{"fastgen.latents": "placeholder"}`` marks
-            ``latents`` that are zeros: a prompts-only cache).
+            ``latents`` that are zeros: a prompts-only cache). The SHA-256 of every tensor's
+            bytes is added (``fastgen.sha256.<key>``), for :func:`verify_cache`.
 
     Returns:
         The file written.
@@ -97,7 +100,9 @@ def write_shard(
     _check_tensors(tensors, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    hashes = {f"{HASH_PREFIX}{k}": _sha256(v) for k, v in tensors.items()}
+    save_file(tensors, str(tmp), {**(metadata or {}), **hashes})
     os.replace(tmp, path)
     return path
 
@@ -170,6 +175,8 @@ class LatentCache:
             self._handles.append(handle)
             placeholder.append((handle.metadata() or {}).get(PLACEHOLDER_KEY) == "placeholder")
         self.keys = keys
+        self.shapes: dict[str, tuple[int, ...]] = shapes
+        """Every key's per-sample shape (no batch dimension)."""
         self.placeholder_latents = any(placeholder)
         """Whether ``latents`` are zeros (a prompts-only cache): fine for 1-step and
         backward-simulation students without the GAN branch, which never read them."""
@@ -226,6 +233,22 @@ class LatentCache:
                 batch[key] = torch.cat([self._row(key, i) for i in indices])
         return batch
 
+    def locate(self, state: dict[str, int], row: int) -> tuple[Path, int]:
+        """Where row ``row`` of the batch read from position ``state`` (:meth:`state_dict`
+        before the read) comes from: the shard file and the sample's index in it."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if position >= self.batches_per_epoch:
+            epoch, position = epoch + 1, 0
+        saved = self.epoch, self._order
+        self.epoch, self._order = epoch, None
+        try:
+            mine = self._permutation()[self.rank :: self.world]
+        finally:
+            self.epoch, self._order = saved
+        index = int(mine[position * self.batch_size + row])
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return self.files[shard], index - self._starts[shard]
+
     def state_dict(self) -> dict[str, int]:
         """The position: the epoch and the batches of it already read."""
         return {"epoch": self.epoch, "position": self.position, "samples": self.samples}
@@ -242,6 +265,49 @@ class LatentCache:
                 f"{str(self.folder)!r} holds {self.samples}"
             )
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def _sha256(tensor: Tensor) -> str:
+    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def verify_cache(folder: str | Path) -> dict[str, int]:
+    """Read a whole cache and check it: the format (as :class:`LatentCache` does), every
+    tensor against the SHA-256 its shard recorded (shards written by :func:`write_shard`), and
+    every floating-point value finite.
+
+    Args:
+        folder: The cache folder.
+
+    Returns:
+        ``{"samples", "shards", "hashed"}``: the counts checked (``hashed``: tensors with a
+        recorded hash).
+
+    Raises:
+        CacheError: The first problem, naming the shard file, the key and (non-finite values)
+            the sample.
+    """
+    cache = LatentCache(folder, batch_size=1)
+    hashed = 0
+    for path, handle in zip(cache.files, cache._handles):
+        recorded = handle.metadata() or {}
+        for key in cache.keys:
+            try:
+                tensor = handle.get_tensor(key)
+            except Exception as err:  # a truncated or overwritten file
+                raise CacheError(f"{path}: {key!r} cannot be read ({err})") from None
+            want = recorded.get(HASH_PREFIX + key)
+            if want is not None:
+                hashed += 1
+                if _sha256(tensor) != want:
+                    raise CacheError(f"{path}: {key!r} does not match its recorded SHA-256")
+            if tensor.is_floating_point():
+                bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+                if bool(bad.any()):  # a whole-cache check, not a training step
+                    row = int(bad.to(torch.int64).argmax())
+                    raise CacheError(f"{path}: {key!r} of sample {row} holds NaN or inf")
+    return {"samples": cache.samples, "shards": len(cache.files), "hashed": hashed}
 
 
 def _shard_batch(handle: Any, key: str) -> int:

@@ -108,6 +108,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    failures = getattr(err, "failures", None)  # DCP's CheckpointException: rank -> (exc, tb)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        first = first[0] if isinstance(first, tuple) and first else first
+        err = first if isinstance(first, BaseException) else err
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -317,8 +328,17 @@ def save_checkpoint(
     }  # fmt: skip
     if pipeline is not None:
         state["pipeline"] = pipeline.state_dict()
-    with _dcp_quiet():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    try:
+        with _dcp_quiet():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    except OSError:
+        raise
+    except Exception as err:  # DCP wraps each rank's failure (a full disk): name the folder
+        cause = _root_cause(err)
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror, cause.filename or str(tmp)) from err
+        lines = str(cause).strip().splitlines() or [type(cause).__name__]
+        raise CheckpointError(f"{tmp}: the save failed: {lines[0]}") from err
     buffer = io.BytesIO()
     torch.save(_rng_state(), buffer)
     _write(tmp / _rng_file(rank), buffer.getvalue())

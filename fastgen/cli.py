@@ -1,13 +1,17 @@
 """The ``fastgen`` command: ``fastgen cache --pipeline DIR --images DIR --out CACHE``,
-``fastgen distill RUN.yaml [--set k=v ...] [--fresh]``,
+``fastgen cache --verify CACHE``, ``fastgen distill RUN.yaml [--set k=v ...] [--fresh]``,
 ``fastgen sample --student DIR (--cache DIR | --pipeline DIR --prompts FILE) --out OUT``,
 ``fastgen eval --student DIR --pipeline DIR --prompts FILE --out DIR`` and ``fastgen recipes``.
 ``distill`` runs under ``torchrun --nproc_per_node=N`` too (the run built by
 :func:`fastgen.train.build`), and exports a diffusers student to ``out/export``.
 
 A bad run config, a missing path or a failed import is one line on stderr naming the key or the
-path, and exit status 2; a loss that turns NaN or inf, or a collapse alarm with
-``eval.stop_on_collapse``, stops the run with exit status 1.
+path, and exit status 2 (so is a damaged checkpoint at resume, a cache changed under a run, a
+full disk or an unwritable run folder: a save that fails leaves the newest whole checkpoint
+newest); a loss that turns NaN or inf, or a collapse alarm with ``eval.stop_on_collapse``,
+stops the run with exit status 1; a preemption notice (SIGTERM or SIGUSR1 by default) saves a
+checkpoint after the iteration under way and exits with status 75 (rerun the same command to
+resume).
 """
 
 from __future__ import annotations
@@ -34,7 +38,18 @@ def _validation_line(err: Any, prefix: str) -> str:
 def _distill(args: argparse.Namespace) -> int:
     import pydantic
 
-    from fastgen.train import CollapseError, NonFiniteLossError, RunError, build, load_run_config
+    from fastgen.cache import CacheError
+    from fastgen.errors import CheckpointError
+    from fastgen.train import (
+        EXIT_PREEMPTED,
+        CollapseError,
+        NonFiniteDataError,
+        NonFiniteLossError,
+        Preempted,
+        RunError,
+        build,
+        load_run_config,
+    )
 
     try:
         run = load_run_config(args.config, args.set)
@@ -50,9 +65,19 @@ def _distill(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: {err}") from None
     try:
         result = trainer.fit(fresh=args.fresh)
+    except NonFiniteDataError as err:  # bad input, named by shard and sample
+        raise UsageError(str(err)) from None
+    except (CheckpointError, CacheError) as err:  # a damaged checkpoint, a cache changed since
+        raise UsageError(_one_line(err)) from None
+    except OSError as err:  # out of disk, an unwritable run folder, a file gone: the path
+        raise UsageError(_os_line(err)) from None
     except (NonFiniteLossError, CollapseError) as err:
         print(f"fastgen: {err}", file=sys.stderr)
         return 1
+    except Preempted as err:  # saved: a requeue script reruns the same command on this status
+        if trainer.main:
+            print(f"fastgen: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     if trainer.main:
         print(f"done: {result['step']} steps in {run.out}")
         student = trainer.ema_student()
@@ -67,6 +92,12 @@ def _distill(args: argparse.Namespace) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _os_line(err: OSError) -> str:
+    if err.filename is None:
+        return _one_line(err)
+    return f"{err.filename}: {err.strerror or _one_line(err)}"
 
 
 def _one_line(err: BaseException) -> str:
@@ -199,6 +230,18 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    if args.verify is not None:
+        from fastgen.cache import CacheError, verify_cache
+
+        try:
+            found = verify_cache(args.verify)
+        except CacheError as err:
+            raise UsageError(str(err)) from None
+        print(f"{args.verify}: {found['samples']} samples in {found['shards']} shards: readable, "
+              f"finite, {found['hashed']} tensors match their SHA-256")  # fmt: skip
+        return 0
+    if args.pipeline is None or args.out is None:
+        raise UsageError("cache: --pipeline and --out are required (or --verify CACHE)")
     from fastgen.train.encode import encode_cache
 
     try:
@@ -252,10 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser(
         "cache", help="encode images and captions (or prompts) into a latent cache"
     )
-    enc.add_argument(
-        "--pipeline", required=True, help="a diffusers pipeline folder (its VAE and text encoders)"
-    )
-    enc.add_argument("--out", required=True, help="the cache folder to write")
+    enc.add_argument("--pipeline", help="a diffusers pipeline folder (its VAE and text encoders)")
+    enc.add_argument("--out", help="the cache folder to write")
+    enc.add_argument("--verify", metavar="CACHE", help="check a whole cache instead: readable, "
+                     "every tensor's SHA-256, every value finite (nothing is written)")  # fmt: skip
     enc.add_argument(
         "--images", help="an image folder with metadata.jsonl ({file_name, text} per line)"
     )

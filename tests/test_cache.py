@@ -110,3 +110,41 @@ def test_fewer_samples_than_a_batch_per_rank(tmp_path):
     write_shard(tmp_path / "a", {"latents": torch.zeros(3, 1)})
     with pytest.raises(CacheError, match="fewer than one batch of 2 for each of 2 ranks"):
         LatentCache(tmp_path, batch_size=2, world=2)
+
+
+def test_locate_names_the_shard_and_index_of_every_row(tmp_path):
+    cache = LatentCache(shards(tmp_path), batch_size=3, seed=4)
+    for _ in range(5):  # across an epoch's end
+        state = cache.state_dict()
+        for row, sample in enumerate(ids(cache())):
+            path, index = cache.locate(state, row)
+            assert (path.stem, index) == (
+                ("part_0", sample) if sample < 3 else ("part_1", sample - 3)
+            )
+
+
+def test_verify_cache_checks_hashes_and_finiteness(tmp_path, capsys):
+    from fastgen.cache import verify_cache
+    from fastgen.cli import main
+
+    folder = shards(tmp_path / "good")
+    assert verify_cache(folder) == {"samples": 8, "shards": 2, "hashed": 8}
+    assert main(["cache", "--verify", str(folder)]) == 0
+    assert "8 samples in 2 shards: readable, finite, 8 tensors match" in capsys.readouterr().out
+
+    damaged = shards(tmp_path / "damaged")
+    data = bytearray((damaged / "part_1.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one bit pattern of the last tensor's last value
+    (damaged / "part_1.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"part_1.safetensors: '\w+' does not match its recorded"):
+        verify_cache(damaged)
+
+    nan = shards(tmp_path / "nan")
+    write_shard(nan / "part_1", {"latents": torch.zeros(5, 2, 3),
+                                 "encoder_hidden_states": torch.zeros(5, 4, 6).index_fill_(0, torch.tensor([2]), float("nan")),
+                                 "pooled_projections": torch.zeros(5, 1),
+                                 "negative_encoder_hidden_states": torch.zeros(1, 4, 6)})  # fmt: skip
+    assert main(["cache", "--verify", str(nan)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fastgen: error: {nan / 'part_1.safetensors'}: 'encoder_hidden_states' of "
+                   "sample 2 holds NaN or inf\n")  # fmt: skip

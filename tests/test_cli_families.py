@@ -72,13 +72,91 @@ def test_the_export_holds_the_ema_weights(tmp_path):
     )  # the EMA, not the last student
 
 
-def test_distill_compiled(tmp_path, capsys):
-    # GAN off: two compiled losses (inductor), the slowest test of this file
-    config = run_yaml(tmp_path, "sd3", compile=True, steps=1,
-                      dmd={"student_update_freq": 1, "gan_loss_weight_gen": 0.0})  # fmt: skip
-    assert main(["distill", config]) == 0
-    assert "done: 1 steps" in capsys.readouterr().out
-    assert (tmp_path / "run" / "export" / "transformer" / "config.json").is_file()
+# Runs `fastgen distill` in a subprocess; with a marker path, it touches the marker and sleeps
+# at one point (in the save of step 2, or in the first update of a resumed iteration) for the
+# test to SIGKILL it there.
+_STALLED = """
+import sys, time
+from pathlib import Path
+import fastgen.checkpoint as ckpt
+from fastgen.cli import main
+from fastgen.train import Trainer
+where, marker = sys.argv[1], sys.argv[2]
+
+def stall():
+    Path(marker).touch()
+    time.sleep(600)
+
+if where == "save":
+    write = ckpt._write
+    def slow_write(path, data):
+        write(path, data)
+        if "step_00000002" in str(path) and path.name == "meta.json":
+            stall()
+    ckpt._write = slow_write
+elif where == "step":
+    update, calls = Trainer._update, []
+    def slow_update(self, name, iteration):
+        calls.append(name)
+        if len(calls) == 2:  # after one update of the iteration: its state is half-changed
+            stall()
+        return update(self, name, iteration)
+    Trainer._update = slow_update
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_distill_compiled_killed_in_a_save_and_in_a_step_resumes_bitwise(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    config = run_yaml(tmp_path, "sd3", compile=True, steps=3,
+                      dmd={"student_update_freq": 2, "gan_loss_weight_gen": 0.0,
+                           "ema": {"decay": 0.5}})  # fmt: skip
+
+    def distill(out, where="none", marker=""):
+        argv = [sys.executable, "-c", _STALLED, where, marker, "distill", config,
+                "--set", f"out={out}"]  # fmt: skip
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def exported(out):
+        return load_file(
+            str(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+        )
+
+    straight = distill(tmp_path / "straight")
+    stdout, err = straight.communicate(timeout=900)
+    assert straight.returncode == 0, err
+    assert "done: 3 steps" in stdout
+    out = tmp_path / "killed"
+    for where in ("save", "step"):
+        marker = tmp_path / f"in_{where}"
+        child = distill(out, where, str(marker))
+        deadline = time.time() + 600
+        while not marker.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), child.communicate()[1]
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # the save of step 2 never published; the kill in a step was after it (from step 1)
+    assert fastgen_latest(out).name == "step_00000001"
+    resumed = distill(out)
+    stdout, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err
+    assert "resumed from step 1" in stdout
+    a, b = exported(tmp_path / "straight"), exported(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fastgen_latest(out):
+    from fastgen import latest_checkpoint
+
+    return latest_checkpoint(out / "checkpoints")
 
 
 def _break_cache_without_latents(tmp_path):
@@ -101,6 +179,41 @@ def _empty_cache(tmp_path):
         f.unlink()
 
 
+def _rewrite_cache(tmp_path, change):
+    from families import samples
+
+    from fastgen.cache import write_shard
+
+    for i in range(2):
+        tensors = samples("sd3", 4, seed=i)
+        change(i, tensors)
+        write_shard(tmp_path / "cache" / f"shard_{i:03d}", tensors)
+
+
+def _seven_channels(tmp_path):
+    _rewrite_cache(tmp_path, lambda i, t: t.update(latents=torch.zeros(4, 7, 8, 8)))
+
+
+def _odd_size(tmp_path):
+    _rewrite_cache(tmp_path, lambda i, t: t.update(latents=torch.zeros(4, 4, 7, 8)))
+
+
+def _text_width(tmp_path):
+    _rewrite_cache(tmp_path, lambda i, t: t.update(encoder_hidden_states=torch.zeros(4, 5, 9)))
+
+
+def _pooled_width(tmp_path):
+    _rewrite_cache(tmp_path, lambda i, t: t.update(pooled_projections=torch.zeros(4, 3)))
+
+
+def _nan_in_one_sample(tmp_path):
+    def change(i, tensors):
+        if i == 1:
+            tensors["encoder_hidden_states"][2, 1, 3] = float("nan")
+
+    _rewrite_cache(tmp_path, change)
+
+
 def _teacher_without_config(tmp_path):
     (tmp_path / "teacher" / "transformer" / "config.json").unlink()
 
@@ -113,6 +226,36 @@ def _teacher_without_config(tmp_path):
         (_break_cache_without_latents, [], "shard_000.safetensors: no 'latents'"),
         (_break_cache_batches, [], "'encoder_hidden_states' has batch 3, 'latents' has 2"),
         (_teacher_without_config, [], "teacher: no config.json in .*transformer"),
+        (
+            _seven_channels,
+            [],
+            r"data.cache: 'latents' has per-sample shape \(7, 8, 8\), the "
+            r"teacher takes \(4, 8, 8\) \(in_channels 4\)$",
+        ),
+        (
+            _odd_size,
+            [],
+            r"data.cache: 'latents' has per-sample shape \(4, 7, 8\): the teacher's "
+            r"patch_size \(2, 2\) does not divide its sizes \(7, 8\)$",
+        ),
+        (
+            _text_width,
+            [],
+            r"'encoder_hidden_states' has per-sample shape \(5, 9\), the teacher "
+            r"takes \(5, 16\) \(joint_attention_dim 16\)$",
+        ),
+        (
+            _pooled_width,
+            [],
+            r"'pooled_projections' has per-sample shape \(3,\), the teacher "
+            r"takes \(12,\) \(pooled_projection_dim 12\)$",
+        ),
+        (
+            _nan_in_one_sample,
+            [],
+            r"non-finite value: 'encoder_hidden_states' of sample 2 of "
+            r".*cache/shard_001.safetensors \(a batch of iteration [12]\)",
+        ),
         (None, ["--set", "teacher.class=NoSuchModel"], "teacher: diffusers has no model class"),
     ],
 )
@@ -173,3 +316,17 @@ def test_distill_under_torchrun_reads_a_share_of_the_cache_per_rank(tmp_path, ex
     if "lora" in extra:  # the adapter alone too, and the GAN branch trained its discriminator
         assert (tmp_path / "run" / "export" / "lora" / "adapter_config.json").is_file()
         assert "discriminator" in meta["schedulers"]
+
+
+def test_a_cache_shard_deleted_under_a_run_is_one_line_at_resume(tmp_path, capsys):
+    # A running process keeps reading its memory-mapped shards; the rerun finds fewer samples.
+    config = run_yaml(tmp_path, "sd3")
+    assert main(["distill", config]) == 0
+    (tmp_path / "cache" / "shard_001.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["distill", config, "--set", "steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "fastgen: error: the checkpoint's data position is for 8 samples; "
+        f"{str(tmp_path / 'cache')!r} holds 4\n"
+    )

@@ -22,7 +22,13 @@ from train_toys import Data, Interrupted, networks
 import fastgen
 from fastgen.cli import main
 from fastgen.dmd.state import network_state
-from fastgen.train import NonFiniteLossError, RunConfig, Trainer, apply_overrides
+from fastgen.train import (
+    NonFiniteDataError,
+    NonFiniteLossError,
+    RunConfig,
+    Trainer,
+    apply_overrides,
+)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -84,6 +90,24 @@ def test_interrupted_run_resumes_to_the_straight_run_bitwise(tmp_path, stop_at, 
         "step_00000004", "step_00000006"]  # fmt: skip
 
 
+def test_a_resume_under_other_conditions_says_so(tmp_path, capsys):
+    trainer(run_config(tmp_path / "a", steps=2), Data()).fit()
+    trainer(run_config(tmp_path / "a", steps=4), Data()).fit()
+    assert "note:" not in capsys.readouterr().out  # the same conditions: nothing to say
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        t = trainer(run_config(tmp_path / "a", steps=6, compile=True, deterministic=False), Data())
+        t.begin()  # resumes, says so, then ends before any step
+        t.end()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "note: this resumed run may differ in the last bits from one that never stopped: " in out
+    assert f"saved on {threads} CPU threads, resumed on {threads + 1}" in out
+    assert "compiled with deterministic: false" in out
+
+
 def test_fresh_starts_over(tmp_path, capsys):
     trainer(run_config(tmp_path / "a", steps=2), Data()).fit()
     again = trainer(run_config(tmp_path / "a", steps=2), Data())
@@ -92,13 +116,33 @@ def test_fresh_starts_over(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_loss_and_iteration_and_saves_nothing_after(tmp_path):
-    # call 13 is the first fake-score batch of iteration 5 (3 batches per iteration)
-    t = trainer(run_config(tmp_path / "a", log={"every": 1, "progress": False}), Data(nan_at=13))
+    t = trainer(run_config(tmp_path / "a", log={"every": 1, "progress": False}), Data())
+    real, calls = t.losses["fake_score"], []
+
+    def poisoned(*args, **kwargs):  # call 9 is the first fake-score update of iteration 5
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return dict(out, total=out["total"] * float("nan")) if len(calls) >= 9 else out
+
+    t.losses["fake_score"] = poisoned
     with pytest.raises(
         NonFiniteLossError, match=r"the fake_score loss is not finite \(NaN or inf\) at iteration 5"
     ) as err:
         t.fit()
     assert "step_00000004" in str(err.value)
+    assert fastgen.latest_checkpoint(tmp_path / "a" / "checkpoints").name == "step_00000004"
+
+
+def test_nan_data_stops_naming_the_key_and_sample_before_the_loss(tmp_path):
+    # call 13 is the first fake-score batch of iteration 5 (3 batches per iteration)
+    t = trainer(run_config(tmp_path / "a", log={"every": 1, "progress": False}), Data(nan_at=13))
+    with pytest.raises(
+        NonFiniteDataError,
+        match=r"^the data holds a non-finite value: 'encoder_hidden_states' of sample 0 of the "
+        r"batch \(a batch of iteration 5\); stopped without saving. The latest checkpoint is "
+        r".*step_00000004$",
+    ):
+        t.fit()
     assert fastgen.latest_checkpoint(tmp_path / "a" / "checkpoints").name == "step_00000004"
 
 
@@ -248,6 +292,113 @@ def test_cli_sigkill_twice_then_resume_equals_the_straight_run(tmp_path):
     assert "resumed from step" in out
     assert differences(final_state(tmp_path / "straight"), final_state(killed_out)) == []
     assert seen[0] < seen[1]
+
+
+def test_cli_sigterm_saves_after_the_iteration_exits_75_and_the_rerun_resumes_bitwise(tmp_path):
+    # Data that takes 50 ms a batch (the same batches): SIGTERM meets the run mid-iteration.
+    config = write_config(tmp_path / "run.yaml", steps=30, data="train_toys:slow_data",
+                          checkpoint={"every": 1000})  # fmt: skip
+    straight = cli("distill", str(config), "--set", f"out={tmp_path / 'straight'}")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    out = tmp_path / "stopped"
+    child = cli("distill", str(config), "--set", f"out={out}")
+    deadline = time.time() + 120
+    while not (out / "tensorboard").exists() and time.time() < deadline:
+        time.sleep(0.05)  # the loop has begun (the handlers are in place)
+    time.sleep(1.0)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == fastgen.train.EXIT_PREEMPTED == 75, err
+    saved = fastgen.latest_checkpoint(out / "checkpoints")
+    assert saved is not None and 0 < int(saved.name.split("_")[1]) < 30  # not a scheduled save
+    assert (
+        err
+        == f"fastgen: stopped by SIGTERM after iteration {int(saved.name[5:])}; saved {saved}; rerun the same command to resume\n"
+    )
+    resumed = cli("distill", str(config), "--set", f"out={out}")
+    stdout, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed from step {int(saved.name[5:])}" in stdout
+    assert differences(final_state(tmp_path / "straight"), final_state(out)) == []
+
+
+def test_cli_a_damaged_checkpoint_at_resume_is_one_line_naming_the_file(tmp_path, capsys):
+    config = write_config(tmp_path / "run.yaml", steps=2)
+    assert main(["distill", str(config)]) == 0
+    newest = fastgen.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    shard = next(newest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["distill", str(config), "--set", "steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastgen: error: ") and shard.name in err, err
+
+
+def test_cli_a_full_disk_during_a_save_is_one_line_and_leaves_the_last_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    import fastgen.checkpoint as ckpt
+
+    real, writes = ckpt._write, []
+
+    def write(path, data):  # the disk fills up during the third save
+        writes.append(path)
+        if "step_00000003" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write", write)
+    config = write_config(tmp_path / "run.yaml", steps=4)
+    assert main(["distill", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(
+        "step_00000003.tmp/rng/rank_00000.pt: No space left on device\n"
+    ), err
+    last = fastgen.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert last.name == "step_00000002"
+    monkeypatch.setattr(ckpt, "_write", real)  # space again: the rerun resumes from it
+    assert main(["distill", str(config)]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+
+
+def test_cli_an_unusable_run_folder_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    config = write_config(tmp_path / "run.yaml", out=str(tmp_path / "file" / "run"))
+    assert main(["distill", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastgen: error: {tmp_path / 'file' / 'run'}: Not a directory\n"
+
+
+def test_a_second_notice_ends_the_process_at_once():
+    code = (
+        "import os, signal, time\n"
+        "from fastgen.train import PreemptionNotice\n"
+        "with PreemptionNotice(('SIGUSR1',)) as n:\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(0.1)\n"
+        "    print(n.received, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(0.1)\n"
+        "    print('still here')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGUSR1 and proc.stdout == "SIGUSR1\n", proc
+
+
+def test_every_minutes_saves_on_the_clock(tmp_path):
+    run = run_config(
+        tmp_path / "a", checkpoint={"every": 1000, "keep": None, "every_minutes": 1e-6}
+    )
+    trainer(run, Data()).fit()
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == [f"step_{i:08d}" for i in range(1, 7)]
+    run = run_config(tmp_path / "b", checkpoint={"every": 1000, "keep": None, "every_minutes": 60})
+    trainer(run, Data()).fit()
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_00000006"]
 
 
 def test_the_run_configs_of_the_guide_and_the_readme_are_valid():

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from toys import ToyDiT, ToyTokenDiscriminator
 
@@ -26,11 +28,15 @@ class Data:
     """Batches from the global RNG; ``nan_at`` makes the conditioning NaN from that call on;
     ``stop_at`` raises :class:`Interrupted` at that call (counted over the run's lifetime)."""
 
-    def __init__(self, batch: int = 2, nan_at: int | None = None, stop_at: int | None = None):
+    def __init__(self, batch: int = 2, nan_at: int | None = None, stop_at: int | None = None,
+                 delay: float = 0.0):  # fmt: skip
         self.batch, self.nan_at, self.stop_at, self.calls = batch, nan_at, stop_at, 0
+        self.delay = delay
 
     def __call__(self) -> dict:
         self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)  # a slow loader: a signal meets the run mid-iteration
         if self.stop_at is not None and self.calls == self.stop_at:
             raise Interrupted(f"stopped at data call {self.calls}")
         latents = torch.randn(self.batch, 4, 8, 8)
@@ -62,3 +68,7 @@ def sd3_data(run, rank: int, world: int):
                 "negative_pooled_projections": torch.zeros(1, 16)}  # fmt: skip
 
     return batch
+
+
+def slow_data(run, rank: int, world: int) -> Data:
+    return Data(delay=0.05)

@@ -3,7 +3,8 @@
 Runs on one process or under ``torchrun --nproc_per_node=2 -m fastgen.demo`` (DDP: gloo on CPU,
 nccl on CUDA; each rank draws its own data and noise, rank 0 evaluates and writes the files).
 Every stage checkpoints into ``--out``; the same command with the same ``--out`` resumes where a
-killed run stopped and ends with the same results (``--fresh`` starts over).
+killed run stopped and ends with the same results (``--fresh`` starts over). A SIGTERM or
+SIGUSR1 (one process) saves after the update under way and exits with status 75.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch.distributed as dist
 
 from fastgen.demo import digits, ring
 from fastgen.demo.train import Runtime
+from fastgen.train import EXIT_PREEMPTED, Preempted, deterministic_kernels
 
 JOBS = {"digits": digits, "ring": ring}
 
@@ -48,7 +51,10 @@ def run(args: argparse.Namespace) -> dict | None:
     # Each rank its own data, noise and timesteps; DDP broadcasts rank 0's initial weights.
     torch.manual_seed(args.seed + 1000 * rank)
     job = JOBS[args.data]
-    result = job.run(args, rt, start)
+    # Deterministic kernels for every stage (the teacher's own loop too): compiled scatters,
+    # such as the label embedding's backward, would otherwise add in a varying order.
+    with deterministic_kernels():
+        result = job.run(args, rt, start)
     if result is not None:
         result["threads"] = torch.get_num_threads()
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -97,7 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.checkpoint_every < 1:
         parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
-    run(args)
+    try:
+        run(args)
+    except Preempted as err:  # saved: the same command resumes
+        print(f"fastgen-demo: {err}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

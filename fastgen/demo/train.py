@@ -28,7 +28,7 @@ from fastgen.flow_matching import add_noise, convert_prediction, pred_x0_from_fl
 from fastgen.losses import dsm_loss
 from fastgen.modules import RFForward, TimestepSampler
 from fastgen.timesteps import make_t_list
-from fastgen.train import RunConfig, Trainer
+from fastgen.train import Preempted, PreemptionNotice, RunConfig, Trainer
 
 Batch = Callable[[], tuple[Tensor, Tensor | None]]  # () -> (x0 [B, ...], labels [B] or None)
 
@@ -121,7 +121,10 @@ def train_teacher(
     start = 0 if last is None else load_checkpoint(last, **state).step
     if start and rt.main:
         print(f"teacher: resumed from step {start} ({last})", flush=True)
-    with progress(steps, "teacher (RF)", rt) as bar:
+    # A preemption notice saves and stops, as the trainer's stages do (one process: under DDP
+    # the ranks would have to agree first, and the notice keeps its default action).
+    signals = ("SIGTERM", "SIGUSR1") if rt.world == 1 else ()
+    with progress(steps, "teacher (RF)", rt) as bar, PreemptionNotice(signals) as notice:
         bar.update(start)
         for i in range(start, steps):
             x0, labels = batch()
@@ -130,9 +133,12 @@ def train_teacher(
             bar.update()
             if i % 100 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (i + 1) % rt.checkpoint_every == 0 or i + 1 == steps:
-                save_checkpoint(root / f"step_{i + 1:08d}", step=i + 1, **state)
+            stop = notice.received
+            if (i + 1) % rt.checkpoint_every == 0 or i + 1 == steps or stop is not None:
+                path = save_checkpoint(root / f"step_{i + 1:08d}", step=i + 1, **state)
                 keep_newest(root, 2, rt)
+                if stop is not None:
+                    raise Preempted(stop, i + 1, path)
     return net.requires_grad_(False).eval()
 
 

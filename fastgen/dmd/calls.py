@@ -85,6 +85,10 @@ class NetworkCall:
                 [500.]])
     """
 
+    packs_patches: bool = False
+    """Whether the call packs ``p x p`` latent patches into channels before the network sees
+    them (the cache then holds ``in_channels / p**2`` channels)."""
+
     def __init__(
         self,
         *,

@@ -127,6 +127,8 @@ class QwenImageCall(NetworkCall):
             it. Independent of CFG (``DMDConfig.guidance_scale``).
     """
 
+    packs_patches = True
+
     def __init__(self, *, guidance: float | None = None) -> None:
         super().__init__(num_train_timesteps=None)
         self.guidance = guidance

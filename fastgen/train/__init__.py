@@ -17,6 +17,9 @@ from fastgen.train.config import (
     apply_overrides,
     load_run_config,
 )
+from fastgen.train.data_checks import NonFiniteDataError, check_cache_against_config
+from fastgen.train.determinism import deterministic_kernels
+from fastgen.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionNotice
 from fastgen.train.trainer import CollapseError, NonFiniteLossError, Trainer
 
 __all__ = [
@@ -40,4 +43,11 @@ __all__ = [
     "Trainer",
     "NonFiniteLossError",
     "CollapseError",
+    "NonFiniteDataError",
+    "check_cache_against_config",
+    "deterministic_kernels",
+    # preemption
+    "Preempted",
+    "PreemptionNotice",
+    "EXIT_PREEMPTED",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -150,6 +150,16 @@ def build(run: RunConfig, *, rank: int | None = None, world: int | None = None) 
         from fastgen.train.folders import call_for
 
         call = call_for(type(nets["teacher"]).__name__)
+    config = getattr(nets["teacher"], "config", None)
+    if hasattr(data, "shapes") and isinstance(config, Mapping):  # before step 1, not in conv2d
+        from fastgen.cache import CacheError
+        from fastgen.train.data_checks import check_cache_against_config
+
+        try:
+            check_cache_against_config(data.shapes, config,
+                                       packs_patches=getattr(call, "packs_patches", False))  # fmt: skip
+        except CacheError as err:
+            raise RunError(str(err)) from None
     try:
         return Trainer(run, data=data, dmd=dmd, call=call, **nets)
     except (ValueError, TypeError) as err:  # the run config against the networks it got

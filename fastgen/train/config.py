@@ -122,6 +122,18 @@ class CheckpointConfig(BaseModel):
 
     best_keep: int = Field(1, ge=1)
     """How many best checkpoints to keep."""
+    every_minutes: float | None = Field(None, gt=0)
+    """Also save once this many minutes have passed since the last save (read after each
+    iteration; under DDP/FSDP2 at logging iterations, where the ranks agree)."""
+
+    signals: tuple[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"], ...] = (
+        "SIGTERM",
+        "SIGUSR1",
+    )
+    """Preemption notices: on the first, the run finishes the iteration under way, saves and
+    stops (:class:`~fastgen.train.Preempted`; ``fastgen distill`` exits with status 75); a
+    second ends the process at once. Under DDP/FSDP2 the ranks agree at the next logging
+    iteration. ``[]``: no handlers."""
 
 
 class LogConfig(BaseModel):
@@ -314,6 +326,12 @@ class RunConfig(BaseModel):
     compile: bool = False
     """Each loss through ``torch.compile`` (``fullgraph=True`` except under DDP)."""
 
+    deterministic: bool = True
+    """Train under deterministic kernels (:func:`fastgen.train.deterministic_kernels`): compiled
+    scatters such as an embedding's backward then do not add in a varying order, and a resumed
+    run is bitwise the straight run. ``False`` gives up that guarantee under compile (and on
+    CUDA) for whatever speed the atomic kernels gain."""
+
     parallel: Literal["none", "ddp", "fsdp2"] = "none"
     """Under torchrun: replicate the trained networks with DDP, or shard student, fake score and
     teacher with FSDP2 (the discriminator stays replicated)."""
@@ -351,7 +369,9 @@ class RunConfig(BaseModel):
                 "score train in float32 under autocast)"
             )
         if self.eval.every is not None and self.eval.seeds < 2:
-            raise ValueError(f"eval.seeds must be >= 2 (diversity is between seeds), got {self.eval.seeds}")
+            raise ValueError(
+                f"eval.seeds must be >= 2 (diversity is between seeds), got {self.eval.seeds}"
+            )
         best, every = self.checkpoint.best, self.eval.every
         if best is not None and (every is None or every % self.checkpoint.every):
             raise ValueError(

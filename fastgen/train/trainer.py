@@ -14,7 +14,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,12 @@ from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.factory import create_fake_score
 from fastgen.dmd.pipeline import DMDPipeline
 from fastgen.train.config import EvalConfig, OptimizerConfig, RunConfig
+from fastgen.train.data_checks import NonFiniteDataError, checked_keys, nonfinite_rows
+from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.images import image_grid, write_png
 from fastgen.train.lora import add_lora
 from fastgen.train.monitor import Monitor, encode_prompts, load_decoder, pipeline_folder
+from fastgen.train.preemption import Preempted, PreemptionNotice
 
 __all__ = ["CollapseError", "NonFiniteLossError", "Trainer"]
 
@@ -189,6 +192,14 @@ class Trainer:
         self._lrs: dict[str, float] = {}
         self._viewer: Monitor | None = None  # the validation grid's fixed samples
         self._monitor: Monitor | None = None  # the evaluations (eval:)
+        self._scope = ExitStack()  # what begin() turns on and end() turns off
+        self._bad_data: Tensor | None = None  # [call, row, key] of the first non-finite sample
+        self._positions: list[dict | None] = []  # the data's position before each call
+        self._batch_keys: list[str] = []
+        self._done = 0
+        self._calls_per_iteration = (
+            self.dmd.student_update_freq * (2 if "discriminator" in self._params else 1) + 1
+        )
 
     @classmethod
     def from_config(cls, run: RunConfig) -> Trainer:
@@ -238,10 +249,16 @@ class Trainer:
     # --- one update -----------------------------------------------------------------------
 
     def _batch(self) -> tuple[Tensor, Tensor | None, dict, dict]:
+        # the data's position before the read: where a bad sample came from, if one shows up
+        self._positions.append(self.data.state_dict() if hasattr(self.data, "state_dict") else None)
         batch = self.data()
         if not isinstance(batch, dict) or "latents" not in batch:
             raise ValueError("data() must return a dict with 'latents' (and conditioning keys)")
         moved = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        if self._bad_data is None:
+            self._bad_data = torch.full((3,), -1, dtype=torch.int64, device=self.device)
+        self._bad_data = nonfinite_rows(moved, self._bad_data, len(self._positions) - 1)
+        self._batch_keys = checked_keys(moved)
         latents = moved.pop("latents")
         ehs = moved.pop("encoder_hidden_states", None)
         negative = {k[len("negative_"):]: moved.pop(k) for k in list(moved) if k.startswith("negative_")}  # fmt: skip
@@ -286,7 +303,29 @@ class Trainer:
             (bad < 0) & ~torch.isfinite(loss.detach().float()), iteration, bad
         )
 
+    def _check_data(self, done: int) -> None:
+        """Raise on the first non-finite batch since the last check (one host read)."""
+        positions, self._positions = self._positions, []
+        if self._bad_data is None:
+            return
+        call, row, key = (int(v) for v in self._bad_data.tolist())
+        if call < 0:
+            return
+        first = done - len(positions) // self._calls_per_iteration + 1
+        iteration = first + call // self._calls_per_iteration
+        name = self._batch_keys[key] if key < len(self._batch_keys) else "a tensor"
+        where = f"sample {row} of the batch"
+        if hasattr(self.data, "locate") and positions[call] is not None:
+            shard, index = self.data.locate(positions[call], row)
+            where = f"sample {index} of {shard}"
+        last = latest_checkpoint(self.out / "checkpoints")
+        raise NonFiniteDataError(
+            f"the data holds a non-finite value: {name!r} of {where} (a batch of iteration "
+            f"{iteration}); stopped without saving. The latest checkpoint is {last or 'none'}"
+        )
+
     def _check_finite(self) -> None:
+        self._check_data(self._done)
         for name, bad in self._bad.items():
             step = int(bad)
             if step >= 0:
@@ -441,7 +480,8 @@ class Trainer:
             extra["monitor"] = self._monitor.state_dict()
         path = save_checkpoint(root / f"step_{done:08d}", pipeline=self.pipeline,
                                optimizers=self.optimizers, schedulers=self.schedulers, step=done,
-                               extra=extra)  # fmt: skip
+                               extra={**extra, **self._conditions()})  # fmt: skip
+        self._saved_at = time.monotonic()
         keep = self.run.checkpoint.keep
         if self.main:
             for stale in list(root.glob(".*.tmp")) + list(root.glob(".*.old")):
@@ -475,6 +515,10 @@ class Trainer:
             self._monitor.load_state_dict(monitor_state)
         if self.main:
             print(f"resumed from step {info.step} ({last})", flush=True)
+            notes = self._resume_notes(info.extra or {})
+            if notes:
+                print(f"note: this resumed run may differ in the last bits from one that never "
+                      f"stopped: {'; '.join(notes)}", flush=True)  # fmt: skip
         return info.step
 
     def _monitors(self) -> tuple[Monitor | None, Monitor | None]:
@@ -519,6 +563,23 @@ class Trainer:
             monitor = make(run.eval, run.eval.prompts)
         return viewer, monitor
 
+    def _conditions(self) -> dict[str, Any]:
+        """What the bitwise resume depends on besides the checkpoint (saved in its extra)."""
+        return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                "deterministic": self.run.deterministic}  # fmt: skip
+
+    def _resume_notes(self, saved: dict[str, Any]) -> list[str]:
+        now, notes = self._conditions(), []
+        if saved.get("torch", now["torch"]) != now["torch"]:
+            notes.append(f"saved with torch {saved['torch']}, resumed with {now['torch']}")
+        if self.device.type == "cpu" and saved.get("threads", now["threads"]) != now["threads"]:
+            notes.append(f"saved on {saved['threads']} CPU threads, resumed on {now['threads']} "
+                         "(CPU kernels split their reductions by thread)")  # fmt: skip
+        if self.run.compile and not self.run.deterministic:
+            notes.append("compiled with deterministic: false (compiled scatters add in a varying "
+                         "order)")  # fmt: skip
+        return notes
+
     # --- the loop -------------------------------------------------------------------------
 
     def begin(self, *, fresh: bool = False) -> int:
@@ -527,6 +588,10 @@ class Trainer:
         :meth:`run_iteration` and :meth:`after_iteration` per iteration, then :meth:`end`."""
         run = self.run
         self.out.mkdir(parents=True, exist_ok=True)
+        # On before the first compiled call: inductor reads the flag when it compiles.
+        self._scope.enter_context(deterministic_kernels(run.deterministic))
+        self._notice = self._scope.enter_context(PreemptionNotice(run.checkpoint.signals))
+        self._saved_at = time.monotonic()
         if run.seed is not None:
             torch.manual_seed(run.seed + 1000 * self.rank)  # each rank its own data and noise
         if self.main:
@@ -581,6 +646,7 @@ class Trainer:
         validation samples and the progress bar, each on its schedule."""
         run = self.run
         last = done == run.steps
+        self._done = done
         if done % run.log.every == 0 or last:
             self._check_finite()
             now = time.perf_counter()
@@ -593,16 +659,39 @@ class Trainer:
                 self._bar.set_postfix(losses | {"it/s": f"{rate:.2f}"})
         if run.eval.every is not None and (done % run.eval.every == 0 or last):
             self._evaluate(done)  # before the save: a collapsed state is not saved
-        if done % run.checkpoint.every == 0 or last:
+        stop, due = self._stop_or_due(done)
+        if done % run.checkpoint.every == 0 or last or due or stop is not None:
             self._check_finite()
-            self._save(done)
+            path = self._save(done)
+            if stop is not None:
+                raise Preempted(stop, done, path)
         if run.validation.every is not None and (done % run.validation.every == 0 or last):
             self._validate(done)
         if self._bar is not None:
             self._bar.update()
 
+    def _stop_or_due(self, done: int) -> tuple[str | None, bool]:
+        """The preemption notice received (its name) and whether a timed save is due.
+
+        One process reads both after every iteration (Python state: no host sync). Ranks must
+        agree, and may have received the notice between different iterations: they read it at
+        logging iterations, where the step already synchronizes, with one all-reduce.
+        """
+        minutes = self.run.checkpoint.every_minutes
+        due = minutes is not None and time.monotonic() - self._saved_at >= 60 * minutes
+        stop = self._notice.received
+        if self.world == 1:
+            return stop, due
+        if done % self.run.log.every != 0:
+            return None, False
+        flags = torch.tensor([stop is not None, due], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        any_stop, any_due = flags.tolist()
+        return (stop or "a preemption notice") if any_stop else None, bool(any_due)
+
     def end(self) -> None:
-        """Close the progress bar and the logs."""
+        """Close the progress bar and the logs; restore the caller's determinism setting."""
+        self._scope.close()
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
@@ -621,9 +710,14 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: A loss became NaN or inf (nothing is saved after it).
+            NonFiniteDataError: A batch held NaN or inf (checked with the losses; the message
+                names the key, the sample and, from a latent cache, its shard).
+            Preempted: A preemption notice (``run.checkpoint.signals``) arrived; the run saved
+                after the iteration under way and stopped.
         """
-        start = self.begin(fresh=fresh)
+        start = 0
         try:
+            start = self.begin(fresh=fresh)
             for it in range(start, self.run.steps):
                 self.run_iteration(it)
                 self.after_iteration(it + 1)
