@@ -173,7 +173,7 @@ def compile_over_batches(name, stance_from=None):
         for i, b in enumerate(BATCHES):
             if stance_from is not None and i == stance_from:
                 torch.compiler.set_stance("fail_on_recompile")
-            out = compiled(*toy_batch(b), i)
+            out = compiled(*toy_batch(b), torch.tensor(i))  # an int 0 or 1 is specialized
             out["total"].backward()
             assert torch.isfinite(out["total"])
     finally:

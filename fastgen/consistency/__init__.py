@@ -7,14 +7,11 @@ noise, :math:`v = \epsilon - x_0`; TrigFlow's angle :math:`\hat t \in [0, \pi/2]
 through :mod:`fastgen.consistency.trigflow`.
 """
 
-from fastgen.consistency.config import MeanFlowConfig
+from fastgen.consistency.config import MeanFlowConfig, SCMConfig
 from fastgen.consistency.jvp import JVPMethod, finite_difference_jvp, jvp, round_with_tangent
-from fastgen.consistency.meanflow import (
-    MeanFlowPipeline,
-    meanflow_loss,
-    meanflow_sample,
-    sample_t_r,
-)
+from fastgen.consistency.meanflow import MeanFlowPipeline, meanflow_loss, sample_t_r
+from fastgen.consistency.sampling import consistency_sample, meanflow_sample, scm_t_list
+from fastgen.consistency.scm import AdaptiveWeight, SCMPipeline, scm_loss
 from fastgen.consistency.trigflow import (
     HALF_PI,
     SIGMA_DATA,
@@ -41,10 +38,18 @@ __all__ = [
     "jvp",
     "finite_difference_jvp",
     "round_with_tangent",
+    # sCM (sCD, sCT)
+    "SCMConfig",
+    "SCMPipeline",
+    "AdaptiveWeight",
+    "scm_loss",
     # MeanFlow
     "MeanFlowConfig",
     "MeanFlowPipeline",
     "meanflow_loss",
-    "meanflow_sample",
     "sample_t_r",
+    # sampling
+    "consistency_sample",
+    "meanflow_sample",
+    "scm_t_list",
 ]

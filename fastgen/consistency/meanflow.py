@@ -17,9 +17,7 @@ diffusers-style with r under ``config.r_keyword`` (scaled like ``timestep``).
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,7 +35,7 @@ from fastgen.precision import compute_dtype, compute_once, widen
 from fastgen.pred_type import flow_name
 from fastgen.timesteps import sample_timesteps
 
-__all__ = ["MeanFlowPipeline", "meanflow_loss", "meanflow_sample", "sample_t_r"]
+__all__ = ["MeanFlowPipeline", "meanflow_loss", "sample_t_r"]
 
 
 def sample_t_r(
@@ -318,7 +316,8 @@ class MeanFlowPipeline:
             r: Times ``[B]``, ``r <= t`` (given with ``t``).
             negative_encoder_hidden_states: Unconditional conditioning, needed with guidance.
             guidance_scale: Overrides ``config.guidance_scale``.
-            iteration: The training iteration (int or 0-d tensor), for the tangent warmup.
+            iteration: The training iteration, for the tangent warmup: a 0-d tensor under
+                ``torch.compile`` (it specializes a Python int 0 or 1 and recompiles after).
             **model_kwargs: Passed to every network call.
 
         Returns:
@@ -399,70 +398,3 @@ class MeanFlowPipeline:
             lambda u, e, x: torch.mean((u - (e - x)) ** 2), u.detach(), eps, x0, dtype=dtype
         )
         return {"meanflow": loss, "flow_matching": fm, "total": loss}
-
-
-@torch.no_grad()
-def meanflow_sample(
-    model: nn.Module,
-    noise: Tensor,
-    t_list: Sequence[float] = (1.0, 0.0),
-    *,
-    r_keyword: str = "r",
-    num_train_timesteps: int | None = None,
-    encoder_hidden_states: Tensor | None = None,
-    call: NetworkCall | None = None,
-    **model_kwargs: Any,
-) -> Tensor:
-    r"""Sample with a MeanFlow network: jump along ``t_list`` with the average velocity.
-
-    .. math::
-
-        x_{t_0} = t_0\, \epsilon, \qquad x_{t_{k+1}} = x_{t_k} - (t_k - t_{k+1})\,
-        u(x_{t_k}, t_{k+1}, t_k)
-
-    One step from pure noise (the default ``t_list``) is :math:`x_0 = x_1 - u(x_1, 0, 1)`. No host
-    sync and no branch on tensor values: it compiles with ``fullgraph=True``.
-
-    Args:
-        model: The MeanFlow network (or its EMA copy).
-        noise: Gaussian noise ``[B, ...]``.
-        t_list: Decreasing times from ``t_0`` (1 for pure noise) to 0.
-        r_keyword: The keyword under which the network takes r.
-        num_train_timesteps: Scale of the network's times (diffusers' 1000), or None.
-        encoder_hidden_states: Conditioning.
-        call: How the model is called (default: diffusers' keywords).
-        **model_kwargs: Passed to every call.
-
-    Returns:
-        The sample in ``noise``'s dtype, each step computed in float64 and rounded once.
-
-    Raises:
-        ValueError: ``t_list`` has fewer than 2 entries, is not decreasing or does not end in 0.
-
-    Example:
-        >>> import torch
-        >>> class Exact(torch.nn.Module):  # every sample flows to the data point 0
-        ...     def forward(self, hidden_states, timestep, r, encoder_hidden_states=None):
-        ...         return hidden_states / timestep[:, None]
-        >>> meanflow_sample(Exact(), torch.ones(2, 3)).abs().max().item()
-        0.0
-    """
-    ladder = [float(t) for t in t_list]
-    if len(ladder) < 2 or ladder[-1] != 0.0 or any(a <= b for a, b in itertools.pairwise(ladder)):
-        raise ValueError(f"t_list must decrease to 0 in at least 2 entries, got {ladder}")
-    if not 0.0 < ladder[0] <= 1.0:
-        raise ValueError(f"t_list must start in (0, 1], got {ladder[0]}")
-    check_float_tensor("noise", noise)
-    check_kwargs(model_kwargs)
-    call = call or NetworkCall(num_train_timesteps=num_train_timesteps)
-    n, device, wide = noise.shape[0], noise.device, compute_dtype(noise.device)
-    x = add_noise(torch.zeros_like(noise), noise, torch.full((n,), ladder[0], device=device))
-    for t_now, t_next in itertools.pairwise(ladder):
-        t = torch.full((n,), t_now, device=device, dtype=wide)
-        r = torch.full((n,), t_next, device=device, dtype=wide)
-        u = call_wide(
-            call, model, "model", widen(x, wide), t, encoder_hidden_states, model_kwargs,
-            dtype=noise.dtype, times={r_keyword: r},
-        )  # fmt: skip
-        x = compute_once(lambda x, u, dt: x - dt * u, x, u, t_now - t_next, dtype=noise.dtype)
-    return x

@@ -50,9 +50,11 @@ def check_sigma_data(sigma_data: object) -> float:
     """``sigma_data`` as a float, or ``ValueError``/``TypeError`` naming it."""
     if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)):
         raise TypeError(f"sigma_data must be a positive float, got {sigma_data!r}")
-    if not (math.isfinite(sigma_data) and sigma_data > 0):
+    # Finiteness is checked in eager mode: under torch.compile a float may be a symbol.
+    finite = torch.compiler.is_compiling() or math.isfinite(sigma_data)
+    if not (finite and sigma_data > 0):
         raise ValueError(f"sigma_data must be a positive finite float, got {sigma_data!r}")
-    return float(sigma_data)
+    return sigma_data
 
 
 def check_angle(t_hat: object, x: Tensor | None = None) -> Tensor:
