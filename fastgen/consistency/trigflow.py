@@ -77,20 +77,22 @@ def time_to_trigflow(t: Tensor, sigma_data: float) -> Tensor:
     return torch.atan2(t, (1.0 - t) * sigma_data)
 
 
-def angle(t_hat: Tensor) -> Tensor:
-    # float32's nearest value to pi/2 lies above it (cos < 0 there): read it as pi/2.
-    return t_hat.clamp(0.0, HALF_PI)
+def cos_sin(t_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of an angle, exact at the ends: float32's nearest value to pi/2 lies above it
+    and float64's cosine of its own pi/2 is 6e-17, both read as the pure-noise angle (cos = 0)."""
+    t_hat = t_hat.clamp(0.0, HALF_PI)
+    return torch.where(t_hat >= HALF_PI, 0.0, torch.cos(t_hat)), torch.sin(t_hat)
 
 
 def time_to_rf(t_hat: Tensor, sigma_data: float) -> Tensor:
-    t_hat = angle(t_hat)
-    s = sigma_data * torch.sin(t_hat)
-    return s / (torch.cos(t_hat) + s)
+    c, s = cos_sin(t_hat)
+    s = sigma_data * s
+    return s / (c + s)
 
 
 def input_to_rf(x_hat: Tensor, t_hat: Tensor, sigma_data: float) -> Tensor:
-    t_hat = angle(t_hat)
-    return x_hat / (torch.cos(t_hat) + sigma_data * torch.sin(t_hat))
+    c, s = cos_sin(t_hat)
+    return x_hat / (c + sigma_data * s)
 
 
 def flow_to_trigflow(v: Tensor, x_t: Tensor, t: Tensor, sigma_data: float) -> Tensor:
@@ -103,8 +105,7 @@ def flow_to_trigflow(v: Tensor, x_t: Tensor, t: Tensor, sigma_data: float) -> Te
 
 def flow_to_rf(f: Tensor, x_hat: Tensor, t_hat: Tensor, sigma_data: float) -> Tensor:
     # x0 = cos x_hat - sigma_d sin F and eps = sin x_hat / sigma_d + cos F: v = eps - x0.
-    t_hat = angle(t_hat)
-    c, s = torch.cos(t_hat), torch.sin(t_hat)
+    c, s = cos_sin(t_hat)
     return (s / sigma_data - c) * x_hat + (c + sigma_data * s) * f
 
 
