@@ -254,7 +254,7 @@ def theirs_scm(monkeypatch, fg, case, x0, eps, cond, neg, t, student, teacher, w
 def test_scm_equals_fastgens_pinned_float64_values(case):
     x0, eps, cond, neg, t = det_inputs()
     ours = ours_scm(case, x0, eps, cond, neg, t, Det(0.0), Det(1.0), det_weight())
-    assert math.isclose(float(ours), SCM_PINNED[case], rel_tol=1e-12)
+    assert math.isclose(ours.detach().item(), SCM_PINNED[case], rel_tol=1e-12)
 
 
 @needs_fastgen
@@ -271,7 +271,9 @@ def test_scm_equals_fastgens_float64(monkeypatch, case):
         p.grad = None
     theirs = theirs_scm(monkeypatch, fg, case, x0, eps, cond, neg, t, *nets)
     theirs.backward()
-    print(f"sCM {case} float64: fastgen {float(ours)!r} FastGen {float(theirs)!r}")
+    print(
+        f"sCM {case} float64: fastgen {ours.detach().item()!r} FastGen {theirs.detach().item()!r}"
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
     for ours_grad, p in zip(grads, params):
         torch.testing.assert_close(ours_grad, p.grad, rtol=1e-10, atol=1e-12)
@@ -291,7 +293,9 @@ def test_scm_equals_fastgens_on_a_float32_transformer(monkeypatch, case):
     t = torch.linspace(0.1, 0.9, 5, dtype=torch.float64)
     ours = ours_scm(case, x0, eps, cond, neg, t, student, teacher, weight)
     theirs = theirs_scm(monkeypatch, fg, case, x0, eps, cond, neg, t, student, teacher, weight)
-    print(f"sCM {case} float32 ToyDiT: fastgen {float(ours)!r} FastGen {float(theirs)!r}")
+    print(
+        f"sCM {case} float32 ToyDiT: fastgen {ours.detach().item()!r} FastGen {theirs.detach().item()!r}"
+    )
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-6, atol=0)
 
 
@@ -349,7 +353,7 @@ def test_meanflow_equals_fastgens_pinned_float64_values(case):
     x0, eps, cond, neg, _ = det_inputs()
     t, r = mf_times(5, torch.float64)
     ours = ours_mf(case, x0, eps, cond, neg, t, r, Det(0.0, True), Det(1.0))
-    assert math.isclose(float(ours), MF_PINNED[case], rel_tol=1e-12)
+    assert math.isclose(ours.detach().item(), MF_PINNED[case], rel_tol=1e-12)
 
 
 @needs_fastgen
@@ -365,7 +369,9 @@ def test_meanflow_equals_fastgens_float64(monkeypatch, case):
     nets[0].zero_grad()
     theirs = theirs_mf(monkeypatch, fg, case, x0, eps, cond, neg, t, r, *nets)
     theirs.backward()
-    print(f"MeanFlow {case} float64: fastgen {float(ours)!r} FastGen {float(theirs)!r}")
+    print(
+        f"MeanFlow {case} float64: fastgen {ours.detach().item()!r} FastGen {theirs.detach().item()!r}"
+    )
     tol = 1e-12 if "fd" not in case else 1e-9
     torch.testing.assert_close(ours, theirs, rtol=tol, atol=0)
     for ours_grad, p in zip(grads, nets[0].parameters()):
@@ -383,5 +389,7 @@ def test_meanflow_equals_fastgens_on_a_float32_transformer(monkeypatch, case):
     t, r = mf_times(5, torch.float32)
     ours = ours_mf(case, x0, eps, cond, neg, t, r, student, teacher)
     theirs = theirs_mf(monkeypatch, fg, case, x0, eps, cond, neg, t, r, student, teacher)
-    print(f"MeanFlow {case} float32 ToyDiT: fastgen {float(ours)!r} FastGen {float(theirs)!r}")
+    print(
+        f"MeanFlow {case} float32 ToyDiT: fastgen {ours.detach().item()!r} FastGen {theirs.detach().item()!r}"
+    )
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-6, atol=0)

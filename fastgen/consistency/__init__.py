@@ -7,9 +7,10 @@ noise, :math:`v = \epsilon - x_0`; TrigFlow's angle :math:`\hat t \in [0, \pi/2]
 through :mod:`fastgen.consistency.trigflow`.
 """
 
-from fastgen.consistency.config import MeanFlowConfig, SCMConfig
+from fastgen.consistency.config import MeanFlowConfig, RCMConfig, SCMConfig
 from fastgen.consistency.jvp import JVPMethod, finite_difference_jvp, jvp, round_with_tangent
 from fastgen.consistency.meanflow import MeanFlowPipeline, meanflow_loss, sample_t_r
+from fastgen.consistency.rcm import RCMPipeline
 from fastgen.consistency.sampling import consistency_sample, meanflow_sample, scm_t_list
 from fastgen.consistency.scm import AdaptiveWeight, SCMPipeline, scm_loss
 from fastgen.consistency.trigflow import (
@@ -43,6 +44,9 @@ __all__ = [
     "SCMPipeline",
     "AdaptiveWeight",
     "scm_loss",
+    # rCM
+    "RCMConfig",
+    "RCMPipeline",
     # MeanFlow
     "MeanFlowConfig",
     "MeanFlowPipeline",
