@@ -53,6 +53,14 @@ class _SplitAffineLayerNorm(TorchFunctionMode):
                 if weight is not None:
                     y = y * weight
                 return y if bias is None else y + bias
+        if (
+            getattr(func, "__module__", None) == "torch._tensor"
+            and args
+            and isinstance(args[0], Tensor)
+        ):
+            # A Tensor method written in Python (unflatten, split, ...): called as a method, as
+            # Dynamo traces it without the mode (it cannot trace their super() calls).
+            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
