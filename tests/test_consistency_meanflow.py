@@ -370,3 +370,29 @@ def test_student_and_teacher_gradients_are_routed():
         if not n.startswith("pooled")
     )
     assert all(torch.equal(v, pipe.teacher.state_dict()[k]) for k, v in snapshot.items())
+
+
+@pytest.mark.slow
+def test_inductor_forward_mode_loss_matches_eager():
+    import torch._inductor.config as inductor_config
+
+    outs = []
+    for compiled in (False, True):
+        pipe = toy_pipeline(mode="distillation", guidance_scale=2.0)
+
+        def fn(lat, noise, cond, neg, pipe=pipe):
+            return pipe.compute_loss(lat, noise, cond, negative_encoder_hidden_states=neg)
+
+        if compiled:
+            fn = torch.compile(fn, fullgraph=True)
+        torch.manual_seed(7)
+        batch = toy_batch(5)
+        with inductor_config.patch(fallback_random=True):
+            torch.manual_seed(8)
+            out = fn(*batch)["total"]
+            out.backward()
+        grads = [p.grad for p in pipe.student.parameters() if p.grad is not None]
+        outs.append((out.detach(), grads))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-7)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
