@@ -51,7 +51,8 @@ def pipe(name, method):
             ToyDiT(r_embedding=True), cfg, teacher=ToyDiT() if mode == "distillation" else None
         )
     mode = "distillation" if name.endswith("cd") else "training"
-    cfg = SCMConfig(mode=mode, jvp=method, guidance_scale=2.0, tangent_warmup_steps=10)
+    scale = 2.0 if mode == "distillation" else None
+    cfg = SCMConfig(mode=mode, jvp=method, guidance_scale=scale, tangent_warmup_steps=10)
     return SCMPipeline(
         ToyDiT(),
         cfg,

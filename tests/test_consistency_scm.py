@@ -296,6 +296,11 @@ def _bad():
         (lambda: SCMConfig(sigma_data=0.0), pydantic.ValidationError, "sigma_data"),
         (lambda: SCMConfig(tangent_norm_const=-1.0), pydantic.ValidationError, "tangent_norm"),
         (lambda: SCMConfig(jvp="reverse"), pydantic.ValidationError, "jvp"),
+        (
+            lambda: SCMConfig(mode="training", guidance_scale=2.0),
+            pydantic.ValidationError,
+            "no teacher",
+        ),
         (lambda: SCMPipeline(ToyDiT(), SCMConfig()), ValueError, "teacher"),
         (
             lambda: SCMPipeline(ToyDiT(), SCMConfig(mode="training"), weight_net=3),
@@ -330,7 +335,7 @@ def _bad():
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_bad_input_is_a_clear_error(case):
     call, error, words = _bad()[case]
     with pytest.raises(error, match=words):

@@ -42,7 +42,7 @@ def call_wide(
     the timestep's dtype, each extra time in ``times`` passed under its keyword like ``timestep``.
 
     Raises:
-        TypeError: The network returned no tensor (or one of another dtype).
+        TypeError: The network returned no tensor.
         ValueError: Its prediction's shape differs from ``x``'s.
     """
     x_in = round_with_tangent(x, dtype)

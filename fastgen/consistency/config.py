@@ -61,8 +61,17 @@ class SCMConfig(DistillationConfig):
     jvp: Literal["forward", "finite_difference"] = "forward"
     """How the network's derivative along the ODE is taken."""
 
-    jvp_fd_step: float = Field(1e-3, gt=0.0)
-    """Step of the finite-difference JVP (along the tangent, in its own units)."""
+    jvp_fd_step: float = Field(1e-3, gt=0.0, lt=1.0)
+    """Step of the finite-difference JVP (along the tangent, in its own units; below 1 keeps the
+    shifted angles inside [0, pi/2], as the tangent vanishes at both ends)."""
+
+    @model_validator(mode="after")
+    def _check_scm(self) -> SCMConfig:
+        if self.mode == "training" and self.guidance_scale is not None:
+            raise ValueError(
+                "guidance_scale guides the teacher's tangent: mode='training' has no teacher"
+            )
+        return self
 
 
 class MeanFlowConfig(DistillationConfig):

@@ -373,7 +373,7 @@ class MeanFlowPipeline:
                 (x_t, t_w),
                 (v, torch.ones_like(t_w)),
                 method=cfg.jvp,
-                step=_fd_steps(t_w, r_w, cfg.jvp_fd_step),
+                step=_fd_steps(t_w, r_w, cfg.jvp_fd_step) if cfg.jvp != "forward" else 0.0,
             )
         # 4. u with gradient, and the loss.
         u = self._u(x_t, t_w, r_w, ehs, model_kwargs, dtype)
