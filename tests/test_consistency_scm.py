@@ -144,9 +144,9 @@ def test_cfg_and_warmup_change_the_loss():
         pipe = SCMPipeline(student, SCMConfig(timestep_dtype="latents", **kw), teacher=teacher)
         return pipe.compute_loss(x0, eps, cond, t=t, negative_encoder_hidden_states=neg)["total"]
 
-    base = float(loss(tangent_warmup_steps=0))
-    assert abs(float(loss(tangent_warmup_steps=0, guidance_scale=3.0)) - base) > 1e-6
-    assert abs(float(loss(tangent_warmup_steps=100)) - base) > 1e-6  # iteration 0: w = 0
+    base = float(loss(tangent_warmup_steps=0).detach())
+    assert abs(float(loss(tangent_warmup_steps=0, guidance_scale=3.0).detach()) - base) > 1e-6
+    assert abs(float(loss(tangent_warmup_steps=100).detach()) - base) > 1e-6  # iteration 0: w = 0
 
 
 def test_scm_loss_is_zero_at_the_consistency_fixed_point():
