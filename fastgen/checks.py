@@ -19,6 +19,7 @@ __all__ = [
     "check_pair",
     "check_t",
     "check_t_values",
+    "check_values_in",
     "expand_like",
     "require_size",
     "set_value_checks",
@@ -168,3 +169,19 @@ def check_t(t: Tensor, x: Tensor) -> Tensor:
     t = expand_like(t, x)
     check_t_values(t)
     return t
+
+
+def check_values_in(name: str, x: Tensor, lo: float, hi: float) -> None:
+    """Raise ``ValueError`` when ``x`` has a value outside ``[lo, hi]`` or a NaN.
+
+    The rule of :func:`check_t_values` for another interval (TrigFlow's angles in
+    ``[0, pi/2]``): eager mode only, skipped under ``torch.compile``, ``torch.export``, graph
+    capture and :func:`set_value_checks` ``(False)``.
+    """
+    if _should_check_values(x) and x.numel() > 0:
+        bad = (x < lo) | (x > hi) | torch.isnan(x)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} must lie in the closed interval [{lo}, {hi}] and not be NaN, got values "
+                f"in [{x.detach().min().item()}, {x.detach().max().item()}]"
+            )

@@ -45,11 +45,18 @@ class ToyDiT(nn.Module):
         depth: int = 2,
         cond_dim: int = 8,
         pooled_dim: int | None = None,
+        r_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.patch = patch
         self.proj_in = nn.Linear(channels * patch * patch, dim)
         self.time = nn.Sequential(nn.Linear(16, dim), nn.SiLU(), nn.Linear(dim, dim))
+        # A second time input (MeanFlow's r), embedded like the first.
+        self.time_r = (
+            nn.Sequential(nn.Linear(16, dim), nn.SiLU(), nn.Linear(dim, dim))
+            if r_embedding
+            else None
+        )
         self.context = nn.Linear(cond_dim, dim)
         self.pooled = None if pooled_dim is None else nn.Linear(pooled_dim, dim)
         self.transformer_blocks = nn.ModuleList(ToyBlock(dim) for _ in range(depth))
@@ -62,6 +69,7 @@ class ToyDiT(nn.Module):
         encoder_hidden_states: Tensor | None = None,
         pooled_projections: Tensor | None = None,
         return_dict: bool = True,
+        r: Tensor | None = None,
     ):
         b, h = hidden_states.shape[0], hidden_states.shape[2]
         x = rearrange(
@@ -73,6 +81,9 @@ class ToyDiT(nn.Module):
         )
         angles = timestep.float()[:, None] * freqs * 1000.0
         temb = self.time(torch.cat([angles.sin(), angles.cos()], dim=1).to(x.dtype))
+        if self.time_r is not None and r is not None:
+            angles = r.float()[:, None] * freqs * 1000.0
+            temb = temb + self.time_r(torch.cat([angles.sin(), angles.cos()], dim=1).to(x.dtype))
         x = x + temb[:, None, :]
         if self.pooled is not None and pooled_projections is not None:
             x = x + self.pooled(pooled_projections.to(x.dtype))[:, None, :]
@@ -110,3 +121,26 @@ def toy_batch(b: int = 4, dtype: torch.dtype = torch.float32, cond_dim: int = 8)
     cond = torch.randn(b, 3, cond_dim, dtype=dtype)
     neg = torch.zeros(b, 3, cond_dim, dtype=dtype)
     return latents, noise, cond, neg
+
+
+class ToyAverageVelocity(nn.Module):
+    """A network whose derivative along the ODE is known in closed form (float64 oracle):
+
+    u(x, t, r) = tanh(W x) t^2 + a r, so d/ds u(x + s v, t + s, r) = (1 - tanh^2(W x)) (W v) t^2
+    + 2 t tanh(W x) (W acts on the last dim; t and r are the network's timesteps).
+    """
+
+    def __init__(self, dim: int = 4, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.w = nn.Linear(dim, dim, bias=False, dtype=dtype)
+        self.a = nn.Parameter(torch.tensor(0.3, dtype=dtype))
+
+    def forward(self, hidden_states, timestep, r, encoder_hidden_states=None):
+        shape = (-1,) + (1,) * (hidden_states.ndim - 1)
+        t, r = timestep.to(hidden_states.dtype).view(shape), r.to(hidden_states.dtype).view(shape)
+        return torch.tanh(self.w(hidden_states)) * t**2 + self.a * r
+
+    def derivative(self, x: Tensor, v: Tensor, t: Tensor) -> Tensor:
+        t = t.view((-1,) + (1,) * (x.ndim - 1))
+        h = torch.tanh(self.w(x))
+        return (1 - h**2) * self.w(v) * t**2 + 2 * t * h
