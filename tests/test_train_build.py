@@ -19,8 +19,6 @@ def test_the_library_and_the_cli_build_and_run_the_same_run(tmp_path, capsys):
     assert isinstance(trainer, Trainer) and trainer.dmd.student_update_freq == 2
     trainer.fit()
     assert differences(final_state(tmp_path / "cli"), final_state(tmp_path / "lib")) == []
-    again = Trainer.from_config(RunConfig.model_validate(fields | {"out": str(tmp_path / "x")}))
-    assert again.dmd == trainer.dmd
 
 
 @pytest.mark.parametrize(

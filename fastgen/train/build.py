@@ -1,7 +1,7 @@
 """A run config to a ready :class:`~fastgen.train.Trainer`: the networks, the data, the call.
 
 ``fastgen distill`` is this plus argument parsing and reporting; a Python user writes
-``trainer = fastgen.train.build(run)`` (or ``Trainer.from_config(run)``) and gets the same run:
+``trainer = fastgen.train.build(run)`` and gets the same run:
 
 - **networks**: ``teacher:`` loads a diffusers folder (``from_pretrained``); the student and the
   fake score start as float32 copies of it, and with the GAN branch a token discriminator

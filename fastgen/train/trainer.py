@@ -201,14 +201,6 @@ class Trainer:
             self.dmd.student_update_freq * (2 if "discriminator" in self._params else 1) + 1
         )
 
-    @classmethod
-    def from_config(cls, run: RunConfig) -> Trainer:
-        """The trainer of a run config, networks and data built from it as ``fastgen distill``
-        builds them (:func:`fastgen.train.build`)."""
-        from fastgen.train.build import build
-
-        return build(run)
-
     # --- setup ----------------------------------------------------------------------------
 
     def _setup_distributed(self) -> None:
