@@ -298,7 +298,9 @@ def test_distill_under_torchrun_reads_a_share_of_the_cache_per_rank(tmp_path, ex
     import sys
     from pathlib import Path
 
-    config = run_yaml(tmp_path, "sd3", steps=2, **extra)
+    # timed saves only (every_minutes): the ranks agree on them at each logging iteration
+    config = run_yaml(tmp_path, "sd3", steps=2, checkpoint={"every": 1000, "every_minutes": 1e-6},
+                      log={"every": 1, "progress": False, "tensorboard": False}, **extra)  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(Path(__file__).parent)
     proc = subprocess.run(
@@ -312,6 +314,7 @@ def test_distill_under_torchrun_reads_a_share_of_the_cache_per_rank(tmp_path, ex
         (tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json").read_text()
     )
     assert meta["world_size"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "manifest.json").is_file()
     assert (tmp_path / "run" / "export" / "transformer" / "config.json").is_file()
     if "lora" in extra:  # the adapter alone too, and the GAN branch trained its discriminator
         assert (tmp_path / "run" / "export" / "lora" / "adapter_config.json").is_file()
