@@ -46,13 +46,21 @@ def test_compiled_embedding_backward_adds_without_atomics_only_under_it():
     def compiled(enabled: bool) -> tuple[torch.Tensor, str]:
         torch._dynamo.reset()
         emb.weight.grad = None
-        with deterministic_kernels(enabled):
+        # no cache hit: the code is generated (and so captured) in this process, both times
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False), \
+                deterministic_kernels(enabled):  # fmt: skip
             step = torch.compile(loss, fullgraph=True)
             _, code = run_and_get_code(lambda: step(index).backward())
         return emb.weight.grad, "\n".join(code)
 
-    _, code = compiled(False)
-    assert "atomic_add" in code
-    grad, code = compiled(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one thread compiles a serial loop: no atomics to see
+    try:
+        _, code = compiled(False)
+        assert "atomic_add" in code
+        grad, code = compiled(True)
+    finally:
+        torch.set_num_threads(threads)
     assert "atomic_add" not in code
     assert torch.equal(grad, eager)
