@@ -211,6 +211,7 @@ def _eval(args: argparse.Namespace) -> int:
             summary = sweep(args.checkpoints, args.pipeline, prompts, args.out, metrics=metrics,
                             clip=args.clip, fid_weights=args.fid_weights,
                             reference=args.reference, seeds=args.seeds,
+                            clip_sha256=args.clip_sha256, fid_sha256=args.fid_sha256,
                             teacher=not args.no_teacher, teacher_steps=args.teacher_steps,
                             guidance_scale=args.guidance_scale, resolution=args.resolution,
                             seed=args.seed)  # fmt: skip
@@ -219,6 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
             return 0
         result = evaluate(args.student, args.pipeline, prompts, args.out, metrics=metrics,
                           clip=args.clip, fid_weights=args.fid_weights, reference=args.reference,
+                          clip_sha256=args.clip_sha256, fid_sha256=args.fid_sha256,
                           seeds=args.seeds, teacher=not args.no_teacher,
                           teacher_steps=args.teacher_steps, guidance_scale=args.guidance_scale,
                           resolution=args.resolution, steps=args.steps, seed=args.seed)  # fmt: skip
@@ -348,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--fid-weights", help="a TorchScript feature network (e.g. inception-2015-12-05.pt)"
     )
+    ev.add_argument("--clip-sha256", help="the CLIP folder's expected SHA-256 (checked)")
+    ev.add_argument("--fid-sha256", help="the feature network's expected SHA-256 (checked)")
     ev.add_argument("--reference", help="a folder of reference pictures for FID")
     ev.add_argument("--seeds", type=int, default=4, help="noises per prompt (diversity needs 2+)")
     ev.add_argument("--no-teacher", action="store_true", help="score the student alone")

@@ -128,6 +128,11 @@ def test_eval_with_a_reference_folder_and_no_teacher(setup, tmp_path):
     ("change", "message"),
     [
         ({"--fid-weights": "missing.pt"}, "--fid-weights: no file"),
+        (
+            {"--fid-weights": "missing.pt", "--fid-sha256": "ab12"},
+            "missing.pt' (expected sha256 ab12)",
+        ),
+        ({"--fid-sha256": "0" * 64}, "features.pt has sha256"),
         ({"--clip": "missing-clip"}, "--clip: no file"),
         ({"--prompts": "empty.txt"}, "holds no prompt"),
         ({"--student": "mismatched"}, "not the student of this pipeline"),

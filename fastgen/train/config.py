@@ -216,6 +216,12 @@ class EvalConfig(BaseModel):
     """A TorchScript feature network (FID's Inception) for the features, if no ``clip``.
     Without either, the features are the pictures' (or latents') pooled values."""
 
+    clip_sha256: str | None = None
+    """``clip``'s expected SHA-256 (of the folder's files, :func:`fastgen.eval.features.sha256`)."""
+
+    fid_sha256: str | None = None
+    """``fid_weights``' expected SHA-256."""
+
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     """When the collapse alarm fires."""
 

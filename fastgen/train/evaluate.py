@@ -270,6 +270,8 @@ def evaluate(
     clip: str | Path | None = None,
     fid_weights: str | Path | None = None,
     reference: str | Path | None = None,
+    clip_sha256: str | None = None,
+    fid_sha256: str | None = None,
     seeds: int = 4,
     teacher: bool = True,
     teacher_steps: int | None = None,
@@ -288,15 +290,19 @@ def evaluate(
         ``diversity_ratio``), ``fid`` (with ``reference``), ``fid_to_teacher``; always
         ``seconds_per_image``.
 
+    ``clip_sha256``/``fid_sha256``: the feature networks' expected SHA-256 (checked; a missing
+    file's error names it).
+
     Raises:
         FileNotFoundError: A missing student, pipeline, weights or reference path.
         ValueError: An unknown metric, a metric without its feature network, too few seeds for
             diversity, a student that is not the pipeline's.
     """
     metrics = list(dict.fromkeys(metrics))
-    _check_options(metrics, clip, fid_weights, reference, seeds, teacher, student)
-    scorer = ClipScorer(clip) if clip is not None else None
-    fid_net = FeatureNet(fid_weights) if fid_weights is not None else None
+    _check_options(metrics, clip, fid_weights, reference, seeds, teacher, student,
+                   {"--clip": clip_sha256, "--fid-weights": fid_sha256})  # fmt: skip
+    scorer = ClipScorer(clip, sha256=clip_sha256) if clip is not None else None
+    fid_net = FeatureNet(fid_weights, sha256=fid_sha256) if fid_weights is not None else None
     pipe = load_pipeline(pipeline)
     net, settings = load_student(student, pipe)
     return evaluate_student(net, settings, pipe, prompts, out, metrics=metrics, scorer=scorer,
@@ -306,7 +312,8 @@ def evaluate(
                             names={"student": str(student), "pipeline": str(pipeline)})  # fmt: skip
 
 
-def _check_options(metrics, clip, fid_weights, reference, seeds, teacher, student=None) -> None:
+def _check_options(metrics, clip, fid_weights, reference, seeds, teacher, student=None,
+                   hashes=None) -> None:  # fmt: skip
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"--metrics: unknown {', '.join(unknown)} (known: {', '.join(METRICS)})")
@@ -323,7 +330,9 @@ def _check_options(metrics, clip, fid_weights, reference, seeds, teacher, studen
     for flag, path in (("--reference", reference), ("--student", student), ("--clip", clip),
                        ("--fid-weights", fid_weights)):  # fmt: skip
         if path is not None and not Path(path).exists():  # every path before any loading
-            raise FileNotFoundError(f"{flag}: no file {str(path)!r}")
+            expected = (hashes or {}).get(flag)
+            hint = f" (expected sha256 {expected})" if expected else ""
+            raise FileNotFoundError(f"{flag}: no file {str(path)!r}{hint}")
     _quiet()
 
 
@@ -473,6 +482,8 @@ def sweep(
     clip: str | Path | None = None,
     fid_weights: str | Path | None = None,
     reference: str | Path | None = None,
+    clip_sha256: str | None = None,
+    fid_sha256: str | None = None,
     seeds: int = 4,
     teacher: bool = True,
     teacher_steps: int | None = None,
@@ -506,7 +517,8 @@ def sweep(
     if not config_file.is_file():
         raise FileNotFoundError(f"--checkpoints: no run config {str(config_file)!r} beside it")
     metrics = list(dict.fromkeys(metrics))
-    _check_options(metrics, clip, fid_weights, reference, seeds, teacher)
+    _check_options(metrics, clip, fid_weights, reference, seeds, teacher, None,
+                   {"--clip": clip_sha256, "--fid-weights": fid_sha256})  # fmt: skip
     run = RunConfig.model_validate(yaml.safe_load(config_file.read_text(encoding="utf-8")))
     dmd = run.dmd_config()
     if dmd.ema is None:
@@ -515,8 +527,8 @@ def sweep(
     out = Path(out)
     todo = [p for p in steps if not (out / p.name / "eval.json").is_file()]
     if todo:
-        scorer = ClipScorer(clip) if clip is not None else None
-        fid_net = FeatureNet(fid_weights) if fid_weights is not None else None
+        scorer = ClipScorer(clip, sha256=clip_sha256) if clip is not None else None
+        fid_net = FeatureNet(fid_weights, sha256=fid_sha256) if fid_weights is not None else None
         pipe = load_pipeline(pipeline)
         torch.manual_seed(run.seed or 0)
         net = build_networks(run, dmd)["student"]

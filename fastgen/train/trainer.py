@@ -536,12 +536,12 @@ class Trainer:
             if config.clip is not None:
                 from fastgen.eval.features import ClipScorer
 
-                clip = ClipScorer(config.clip)
+                clip = ClipScorer(config.clip, sha256=config.clip_sha256)
                 features = clip.image_embeds
             elif config.fid_weights is not None:
                 from fastgen.eval.features import FeatureNet
 
-                features = FeatureNet(config.fid_weights)
+                features = FeatureNet(config.fid_weights, sha256=config.fid_sha256)
             return Monitor(config, self.dmd, batch, call=self._call, decoder=decoder,
                            conditioning=conditioning, negative=negative or None,
                            texts=prompts, features=features, clip=clip)  # fmt: skip
