@@ -30,6 +30,10 @@ CHANGELOG = ROOT / "CHANGELOG.md"
 SKIP = ("fastgen.demo",)  # the example program: its command line is public, its modules are not
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# typing caches Annotated[float, Ge(ge=0)] and Annotated[float, Ge(ge=0.0)] as one (the two
+# compare equal), so which spelling a process shows depends on what it built first: "0.0" and
+# "0" are written alike.
+_WHOLE_FLOAT = re.compile(r"(?<![\w.])(-?\d+)\.0(?![\w.])")
 
 
 def public_modules() -> list[str]:
@@ -47,7 +51,7 @@ def public_modules() -> list[str]:
 
 def _sig(obj: object) -> str:
     try:
-        return _ADDRESS.sub("", str(inspect.signature(obj)))
+        return _WHOLE_FLOAT.sub(r"\1", _ADDRESS.sub("", str(inspect.signature(obj))))
     except (TypeError, ValueError):
         return "(...)"
 
