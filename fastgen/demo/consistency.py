@@ -33,20 +33,25 @@ MEANFLOW_2STEP = [1.0, 0.5, 0.0]
 @dataclass(frozen=True)
 class ConsistencySettings:
     """One consistency student: ``updates`` Adam steps at ``lr`` (cosine decay to ``lr / 20``),
-    an EMA of ``ema_decay``; the teacher's guidance (``guidance_scale``, ``null_label``);
-    MeanFlow's ``r_sample_ratio`` and adaptive-weight power; sCM's tangent warmup."""
+    an EMA of ``ema_decay``; the teacher's guidance (``guidance_scale``, ``null_label``); the
+    times t drawn from ``time_dist`` on [0, 1]; MeanFlow's r drawn like t, or with
+    ``r_logit_mean`` from a logit-normal of that mean (then ``t, r = max, min``: a negative mean
+    trains the long jumps to r near 0 that the 1-step sampler takes), ``r_sample_ratio`` and
+    the adaptive-weight power; the tangent warmup; how the JVP is taken (``jvp``, ``jvp_fd_step``:
+    the configs' fields of the same names)."""
 
     updates: int
     lr: float
     ema_decay: float
     guidance_scale: float | None = None
     null_label: int | None = None
+    time_dist: Literal["uniform", "logitnormal"] = "logitnormal"
     r_sample_ratio: float = 0.25
+    r_logit_mean: float | None = None
     adaptive_weight_power: float = 1.0
     tangent_warmup_steps: int = 0
-    time_dist: Literal["uniform", "logitnormal"] = (
-        "logitnormal"  # of t (and MeanFlow's r), on [0, 1]
-    )
+    jvp: Literal["forward", "finite_difference"] = "forward"
+    jvp_fd_step: float = 1e-3
 
 
 def _negative(labels: Tensor, s: ConsistencySettings) -> dict:
@@ -55,8 +60,8 @@ def _negative(labels: Tensor, s: ConsistencySettings) -> dict:
     return {"negative_encoder_hidden_states": torch.full_like(labels, s.null_label)}
 
 
-def _times(s: ConsistencySettings) -> SampleTimestepConfig:
-    return SampleTimestepConfig(time_dist_type=s.time_dist, min_t=0.0, max_t=1.0)
+def _times(s: ConsistencySettings, lo: float = 0.0, hi: float = 1.0) -> SampleTimestepConfig:
+    return SampleTimestepConfig(time_dist_type=s.time_dist, min_t=lo, max_t=hi)
 
 
 def meanflow_student(
@@ -68,7 +73,10 @@ def meanflow_student(
     cfg = MeanFlowConfig(
         mode="distillation", pred_type="flow", guidance_scale=s.guidance_scale,
         r_sample_ratio=s.r_sample_ratio, adaptive_weight_power=s.adaptive_weight_power,
-        tangent_warmup_steps=s.tangent_warmup_steps, sample_t_cfg=_times(s),
+        tangent_warmup_steps=s.tangent_warmup_steps, sample_t_cfg=_times(s), jvp=s.jvp,
+        jvp_fd_step=s.jvp_fd_step, sample_r_cfg=None if s.r_logit_mean is None else
+        SampleTimestepConfig(time_dist_type="logitnormal", train_p_mean=s.r_logit_mean,
+                             min_t=0.0, max_t=1.0),
     )  # fmt: skip
     pipe = MeanFlowPipeline(student, cfg, teacher=teacher)
 
@@ -89,7 +97,8 @@ def scm_student(
     weight = AdaptiveWeight().to(next(teacher.parameters()).device)
     cfg = SCMConfig(
         mode="distillation", pred_type="flow", guidance_scale=s.guidance_scale,
-        tangent_warmup_steps=s.tangent_warmup_steps,
+        tangent_warmup_steps=s.tangent_warmup_steps, jvp=s.jvp, jvp_fd_step=s.jvp_fd_step,
+        sample_t_cfg=_times(s, 1e-3, 0.999),  # the config's default bounds
     )  # fmt: skip
     pipe = SCMPipeline(student, cfg, teacher=teacher, weight_net=weight)
 
