@@ -46,13 +46,20 @@ class Budget:
 
 DEFAULT = Budget(teacher_steps=4000, onestep_updates=400, multistep_updates=300, batch=128,
                  teacher_ode_steps=32, classifier_epochs=40, ema_decay=0.99,
-                 consistency_updates=1000)  # fmt: skip
+                 consistency_updates=400)  # fmt: skip
 QUICK = Budget(teacher_steps=800, onestep_updates=60, multistep_updates=40, batch=128,
                teacher_ode_steps=16, classifier_epochs=15, ema_decay=0.9,
                consistency_updates=100)  # fmt: skip
 SETTINGS = {"gen_lr": 5e-4, "fake_lr": 1e-3}
-# per --method: learning rate and the method's own knobs (consistency.ConsistencySettings)
-CONSISTENCY = {"meanflow": {"lr": 2e-4}, "scm": {"lr": 2e-4}}
+# per --method: learning rate and the method's own knobs (consistency.ConsistencySettings),
+# chosen on 400-update runs from this teacher (docs/main-job.md). MeanFlow: a finite-difference
+# JVP over 0.05 in t (forward mode, through the teacher's high-frequency time features, left the
+# 1-step student where it started), r drawn towards 0 for the 1-step jump; sCM: lr 5e-4 diverged.
+CONSISTENCY = {
+    "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 0.75, "r_logit_mean": -2.0,
+                 "jvp": "finite_difference", "jvp_fd_step": 0.05},
+    "scm": {"lr": 2e-4, "tangent_warmup_steps": 100},
+}  # fmt: skip
 
 
 def train_classifier(data: Digits, epochs: int) -> tuple[DigitsClassifier, float]:
