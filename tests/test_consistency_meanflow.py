@@ -255,6 +255,20 @@ def test_distillation_target_is_the_guided_teacher_inside_the_window(monkeypatch
     torch.testing.assert_close(v[1], vc[1], rtol=1e-12, atol=1e-12)  # outside: unguided
 
 
+def test_distillation_calls_the_teacher_in_the_latents_dtype():
+    # The target is formed from the widened x0: the float32 teacher must still see float32
+    # (it raised a dtype mismatch in its first layer; found by the digits job).
+    pipe = toy_pipeline(mode="distillation")
+    seen = []
+    pipe.teacher.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["hidden_states"].dtype), with_kwargs=True
+    )
+    lat, noise, cond, _ = toy_batch(2)
+    loss = pipe.compute_loss(lat, noise, cond)["total"]
+    assert lat.dtype == torch.float32 and seen == [torch.float32]
+    assert loss.dtype == torch.float32 and bool(loss.isfinite())
+
+
 def test_training_guidance_drops_the_first_rows_to_the_negative_condition(monkeypatch):
     pipe = toy_pipeline(mode="training", guidance_scale=2.0, cond_dropout_prob=0.5)
     lat, noise, cond, neg = (x.double() for x in toy_batch(4))

@@ -260,10 +260,13 @@ class MeanFlowPipeline:
         neg_ehs: Tensor | None,
         kwargs: dict[str, Any],
         scale: float | None,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The target velocity at wide ``(x_t, t)`` (no gradient) and the conditioning the
-        student then sees (training-time guidance swaps the first rows to ``neg_ehs``)."""
-        cfg, dtype = self.config, x0.dtype
+        student then sees (training-time guidance swaps the first rows to ``neg_ehs``).
+        ``dtype`` is what the networks take (the latents' dtype; default ``x0``'s)."""
+        cfg = self.config
+        dtype = x0.dtype if dtype is None else dtype
         if cfg.mode == "distillation":
             v = self._teacher_flow(x_t, t, ehs, kwargs, dtype)
             if scale is None:
@@ -364,7 +367,7 @@ class MeanFlowPipeline:
         with torch.no_grad():
             v, ehs = self.velocity(
                 x0, eps, x_t, t_w, encoder_hidden_states,
-                negative_encoder_hidden_states, model_kwargs, scale,
+                negative_encoder_hidden_states, model_kwargs, scale, dtype,
             )  # fmt: skip
         # 3. The JVP along (v, 1) in (x_t, t), r fixed: no gradient.
         with torch.no_grad():

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from fastgen.demo import digits, ring
+from fastgen.demo.consistency import METHODS
 from fastgen.demo.train import Runtime
 from fastgen.train import EXIT_PREEMPTED, Preempted, deterministic_kernels
 
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> dict | None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     stages = [out / "teacher", out / "student_1step", out / "student_4step"]
+    stages += [out / f"student_{m}" for m in METHODS[1:]]
     if args.fresh and rank == 0:
         for stage in stages:
             shutil.rmtree(stage, ignore_errors=True)
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", choices=sorted(JOBS), default="digits", help="the job (default: digits)"
     )
+    parser.add_argument(
+        "--method", choices=METHODS, default="dmd2",
+        help="digits: how the students are distilled (default: dmd2; meanflow, scm: a 1-step "
+        "and 2-step student through fastgen.consistency)",
+    )  # fmt: skip
     parser.add_argument("--out", default="./fastgen-demo-out", help="output folder")
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)"
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.checkpoint_every < 1:
         parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.method != "dmd2" and args.data != "digits":
+        parser.error(f"--method {args.method} runs the digits job only")
     try:
         run(args)
     except Preempted as err:  # saved: the same command resumes

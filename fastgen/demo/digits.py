@@ -1,5 +1,6 @@
 """The digits job: a class-conditional RF teacher with CFG on scikit-learn's 8x8 digits, DMD2
-1-step and 4-step students, metrics in a classifier's feature space, and the exported student."""
+1-step and 4-step students (or, with ``--method``, a MeanFlow or sCM student sampled in 1 and 2
+steps), metrics in a classifier's feature space, and the exported 1-step student."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastgen.eval
+from fastgen.demo import consistency
 from fastgen.demo.data import N_CLASSES, Digits, batch_of, load_digits
-from fastgen.demo.export import OneStepSampler, export_one_step
+from fastgen.demo.export import OneStepSampler, export_one_step, export_sampler
 from fastgen.demo.metrics import frechet_distance, knn_precision_recall
 from fastgen.demo.networks import DigitsClassifier, DigitsFlowNet
 from fastgen.demo.plots import digits_grid
@@ -27,6 +29,7 @@ from fastgen.demo.train import (
 
 NULL = N_CLASSES  # the "no label" index the teacher learns for classifier-free guidance
 SAMPLERS = ("teacher", "teacher_1step", "student_1step", "student_4step", "data")
+CONSISTENCY_SAMPLERS = ("teacher", "teacher_1step", "student_1step", "student_2step", "data")
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,25 @@ class Budget:
     teacher_ode_steps: int
     classifier_epochs: int
     ema_decay: float  # of the evaluated (and exported) students
+    consistency_updates: int = 0  # of a --method meanflow / scm student
 
 
 DEFAULT = Budget(teacher_steps=4000, onestep_updates=400, multistep_updates=300, batch=128,
-                 teacher_ode_steps=32, classifier_epochs=40, ema_decay=0.99)  # fmt: skip
+                 teacher_ode_steps=32, classifier_epochs=40, ema_decay=0.99,
+                 consistency_updates=400)  # fmt: skip
 QUICK = Budget(teacher_steps=800, onestep_updates=60, multistep_updates=40, batch=128,
-               teacher_ode_steps=16, classifier_epochs=15, ema_decay=0.9)  # fmt: skip
+               teacher_ode_steps=16, classifier_epochs=15, ema_decay=0.9,
+               consistency_updates=100)  # fmt: skip
 SETTINGS = {"gen_lr": 5e-4, "fake_lr": 1e-3}
+# per --method: learning rate and the method's own knobs (consistency.ConsistencySettings),
+# chosen on 400-update runs from this teacher (docs/main-job.md). MeanFlow: a finite-difference
+# JVP over 0.05 in t (forward mode, through the teacher's high-frequency time features, left the
+# 1-step student where it started), r drawn towards 0 for the 1-step jump; sCM: lr 5e-4 diverged.
+CONSISTENCY = {
+    "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 0.75, "r_logit_mean": -2.0,
+                 "jvp": "finite_difference", "jvp_fd_step": 0.05},
+    "scm": {"lr": 2e-4, "tangent_warmup_steps": 100},
+}  # fmt: skip
 
 
 def train_classifier(data: Digits, epochs: int) -> tuple[DigitsClassifier, float]:
@@ -100,13 +115,23 @@ def run(args, rt: Runtime, start: float) -> dict | None:
     def batch():
         return batch_of(data.train_x, data.train_y, budget.batch)
 
+    method = getattr(args, "method", "dmd2")
     teacher = train_teacher(
         rt, DigitsFlowNet(), batch, budget.teacher_steps, lr=1e-3, label_dropout=0.1, null=NULL
     )
-    settings = dict(SETTINGS, ema_decay=budget.ema_decay, guidance_scale=scale, null_label=NULL)
-    one_step, four_step, student_1, student_4 = distill_one_and_four_steps(
-        rt, teacher, batch, budget, settings, args.shift
-    )
+    if method == "dmd2":
+        settings = dict(SETTINGS, ema_decay=budget.ema_decay, guidance_scale=scale, null_label=NULL)
+        one_step, four_step, student_1, student_4 = distill_one_and_four_steps(
+            rt, teacher, batch, budget, settings, args.shift
+        )
+        samplers = SAMPLERS
+    else:
+        settings = consistency.ConsistencySettings(
+            budget.consistency_updates, ema_decay=budget.ema_decay, guidance_scale=scale,
+            null_label=NULL, **CONSISTENCY[method],
+        )  # fmt: skip
+        student = consistency.distill_consistency(rt, method, teacher, batch, settings)
+        samplers = CONSISTENCY_SAMPLERS
     if not rt.main:
         return None
 
@@ -117,11 +142,15 @@ def run(args, rt: Runtime, start: float) -> dict | None:
     ode = [1.0 - i / budget.teacher_ode_steps for i in range(budget.teacher_ode_steps)] + [0.0]
 
     def sample_all(noise: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        return {
+        out = {
             "teacher": euler_ode(teacher, noise, ode, labels, guidance_scale=scale, null=NULL),
             "teacher_1step": euler_ode(
                 teacher, noise, [1.0, 0.0], labels, guidance_scale=scale, null=NULL
             ),
+        }
+        if method != "dmd2":
+            return out | consistency.sample_students(method, student, noise, labels, gen)
+        return out | {
             "student_1step": student_sample(student_1, noise, one_step, labels),
             # fresh noise between rungs, as backward simulation trains them (measured: FD 4.6
             # against 7.5 with the ODE step)
@@ -132,20 +161,23 @@ def run(args, rt: Runtime, start: float) -> dict | None:
     samples["data"] = matched_training_images(data, labels, gen)
     with torch.no_grad():
         real_features = clf.features(data.eval_x)
-    metrics = {name: evaluate(clf, samples[name], labels, real_features) for name in SAMPLERS}
+    metrics = {name: evaluate(clf, samples[name], labels, real_features) for name in samplers}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # export: the EMA 1-step student, a dynamic batch, labels as an input
-    loaded = export_one_step(
-        student_1, one_step[0], out / "student_1step.pt2", (noise[:5], labels[:5])
-    )
-    with torch.no_grad():
-        export_equal = bool(
-            torch.equal(
-                loaded(noise, labels), OneStepSampler(student_1, one_step[0])(noise, labels)
-            )
+    if method == "dmd2":
+        loaded = export_one_step(
+            student_1, one_step[0], out / "student_1step.pt2", (noise[:5], labels[:5])
         )
+        eager = OneStepSampler(student_1, one_step[0])
+    else:
+        # the consistency model's one step is the flow student's x0 at t = 1
+        eager = consistency.MeanFlowOneStep(student) if method == "meanflow" else (
+            OneStepSampler(student, 1.0))  # fmt: skip
+        loaded = export_sampler(eager, out / "student_1step.pt2", (noise[:5], labels[:5]))
+    with torch.no_grad():
+        export_equal = bool(torch.equal(loaded(noise, labels), eager(noise, labels)))
 
     per_class = 6
     grid_labels = torch.arange(N_CLASSES, device=rt.device).repeat_interleave(per_class)
@@ -156,26 +188,27 @@ def run(args, rt: Runtime, start: float) -> dict | None:
     # ratio to the 32-step teacher's: the collapse alarm's figure (fastgen.eval)
     with torch.no_grad():
         groups = {
-            n: clf.features(grid[n].float()).reshape(N_CLASSES, per_class, -1) for n in SAMPLERS
+            n: clf.features(grid[n].float()).reshape(N_CLASSES, per_class, -1) for n in samplers
         }
-    for name in SAMPLERS:
+    for name in samplers:
         metrics[name]["diversity"] = float(fastgen.eval.mean_pairwise_distance(groups[name]))
         metrics[name]["diversity_ratio"] = float(
             fastgen.eval.diversity_ratio(groups[name], groups["teacher"])
         )
     titles = {name: f"{name}\nFD {metrics[name]['fd']:.2f} acc {metrics[name]['class_accuracy']:.2f}\n"
-              f"P {metrics[name]['precision']:.2f} R {metrics[name]['recall']:.2f}" for name in SAMPLERS}  # fmt: skip
-    digits_grid(out / "samples.png", {titles[n]: grid[n] for n in SAMPLERS}, per_class)
+              f"P {metrics[name]['precision']:.2f} R {metrics[name]['recall']:.2f}" for name in samplers}  # fmt: skip
+    digits_grid(out / "samples.png", {titles[n]: grid[n] for n in samplers}, per_class)
     torch.save(
         {
             "labels": labels.cpu(),
-            **{n: samples[n].float().cpu() for n in SAMPLERS[:-1]},
+            **{n: samples[n].float().cpu() for n in samplers[:-1]},
             "data": data.eval_x.cpu(),
         },
         out / "samples.pt",
     )
     result = {
         "job": "digits",
+        "method": method,
         **metrics,
         "classifier_heldout_accuracy": clf_accuracy,
         "guidance_scale": args.guidance_scale,
@@ -186,15 +219,22 @@ def run(args, rt: Runtime, start: float) -> dict | None:
         "world_size": rt.world,
         "device": str(rt.device),
         "seed": args.seed,
-        "t_list_4step": four_step,
     }
+    if method == "dmd2":
+        result["t_list_4step"] = four_step
+    else:
+        result["t_list_2step"] = (
+            consistency.MEANFLOW_2STEP if method == "meanflow" else consistency.scm_t_list(2)
+        )
+        result["updates"] = budget.consistency_updates
     return result
 
 
 def summary(result: dict) -> str:
     lines = [f"{'sampler':15s} {'class acc':>9s} {'FD':>7s} {'precision':>9s} {'recall':>7s} "
              f"{'diversity/teacher':>17s}"]  # fmt: skip
-    for name in SAMPLERS:
+    order = ("teacher", "teacher_1step", "student_1step", "student_2step", "student_4step", "data")
+    for name in (n for n in order if n in result):
         m = result[name]
         lines.append(
             f"{name:15s} {m['class_accuracy']:9.3f} {m['fd']:7.3f} {m['precision']:9.3f} "

@@ -28,7 +28,12 @@ def export_one_step(
     student: nn.Module, t0: float, path: Path, example: tuple[Tensor, Tensor]
 ) -> nn.Module:
     """Export, save to ``path`` (``.pt2``) and load back; returns the loaded program's module."""
-    sampler = OneStepSampler(student, t0).eval()
+    return export_sampler(OneStepSampler(student, t0), path, example)
+
+
+def export_sampler(sampler: nn.Module, path: Path, example: tuple[Tensor, Tensor]) -> nn.Module:
+    """Export ``sampler(noise, labels)`` with a dynamic batch, save to ``path`` and load back."""
+    sampler = sampler.eval()
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(sampler, example, dynamic_shapes=({0: batch}, {0: batch}))

@@ -137,3 +137,36 @@ class DigitsClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+class DigitsMeanFlowNet(nn.Module):
+    """Digits job, MeanFlow: the average velocity u(x_t, r, t, label) from a :class:`DigitsFlowNet`.
+
+    The flow network's layers plus an embedding of the gap ``t - r`` (Fourier features, an MLP
+    whose last layer starts at zero) added to its conditioning: built from the teacher, it starts
+    as the teacher, ``u(x_t, r, t) = v(x_t, t)``, the exact average velocity as ``r -> t``.
+    """
+
+    def __init__(self, flow: DigitsFlowNet) -> None:
+        super().__init__()
+        self.flow = flow
+        width = flow.inp.out_features
+        self.gap = nn.Sequential(
+            nn.Linear(2 * flow.n_freqs, width), nn.SiLU(), nn.Linear(width, width)
+        )
+        nn.init.zeros_(self.gap[2].weight)
+        nn.init.zeros_(self.gap[2].bias)
+
+    def forward(
+        self, hidden_states: Tensor, timestep: Tensor, r: Tensor, encoder_hidden_states: Tensor
+    ) -> Tensor:
+        f = self.flow
+        x = f.inp(rearrange(hidden_states, "b c h w -> b (c h w)"))
+        cond = nn.functional.silu(
+            f.time(fourier(timestep, f.n_freqs))
+            + self.gap(fourier(timestep - r, f.n_freqs))
+            + f.label(encoder_hidden_states)
+        )
+        for block in f.blocks:
+            x = block(x, cond)
+        return rearrange(f.out(x), "b (c h w) -> b c h w", c=1, h=8)

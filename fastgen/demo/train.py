@@ -114,22 +114,47 @@ def train_teacher(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 100)
     step = rt.compile(denoising_loss)
     # The teacher stage checkpoints like the students' (fastgen.save_checkpoint, modules=).
-    root = rt.out / "teacher" / "checkpoints"
     state = {"modules": {"teacher": net}, "optimizers": {"teacher": opt},
              "schedulers": {"teacher": sched}}  # fmt: skip
+
+    def update(i: int) -> Tensor:
+        x0, labels = batch()
+        loss = step(model, sampler, noiser, x0, drop_labels(labels, label_dropout, null))
+        descend(opt, loss, sched)
+        return loss
+
+    checkpointed_loop(rt, rt.out / "teacher", state, steps, "teacher", "teacher (RF)", update)
+    return net.requires_grad_(False).eval()
+
+
+def checkpointed_loop(
+    rt: Runtime,
+    folder: Path,
+    state: dict,
+    steps: int,
+    name: str,
+    desc: str,
+    update: Callable[[int], Tensor],
+) -> None:
+    """Run ``update(i)`` (one optimizer step; returns the loss) for ``i`` in ``[start, steps)``.
+
+    ``start`` is the step of the newest checkpoint under ``folder / "checkpoints"`` (0 if none);
+    ``state`` (``modules=``, ``optimizers=``, ``schedulers=`` of :func:`fastgen.save_checkpoint`)
+    is saved every ``rt.checkpoint_every`` steps and at the end, with the RNG states, so a
+    resumed run ends exactly as the straight one. A preemption notice saves and stops.
+    """
+    root = folder / "checkpoints"
     last = latest_checkpoint(root)
     start = 0 if last is None else load_checkpoint(last, **state).step
     if start and rt.main:
-        print(f"teacher: resumed from step {start} ({last})", flush=True)
+        print(f"{name}: resumed from step {start} ({last})", flush=True)
     # A preemption notice saves and stops, as the trainer's stages do (one process: under DDP
     # the ranks would have to agree first, and the notice keeps its default action).
     signals = ("SIGTERM", "SIGUSR1") if rt.world == 1 else ()
-    with progress(steps, "teacher (RF)", rt) as bar, PreemptionNotice(signals) as notice:
+    with progress(steps, desc, rt) as bar, PreemptionNotice(signals) as notice:
         bar.update(start)
         for i in range(start, steps):
-            x0, labels = batch()
-            loss = step(model, sampler, noiser, x0, drop_labels(labels, label_dropout, null))
-            descend(opt, loss, sched)
+            loss = update(i)
             bar.update()
             if i % 100 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -139,7 +164,6 @@ def train_teacher(
                 keep_newest(root, 2, rt)
                 if stop is not None:
                     raise Preempted(stop, i + 1, path)
-    return net.requires_grad_(False).eval()
 
 
 def keep_newest(root: Path, keep: int, rt: Runtime) -> None:
