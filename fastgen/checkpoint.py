@@ -177,7 +177,10 @@ def _networks(pipeline, modules) -> dict[str, nn.Module]:
     """The pipeline's trained networks and the extra ``modules``, by name."""
     if pipeline is None and not modules:
         raise TypeError("give a pipeline= (a DMDPipeline) or modules= (a dict name -> nn.Module)")
-    if pipeline is not None and not isinstance(pipeline, DMDPipeline):
+    if pipeline is not None and not all(
+        hasattr(pipeline, a) for a in ("networks", "state_dict", "load_state_dict", "ema")
+    ):
+        # a DMDPipeline, or the trainer's consistency pipeline (the same state methods)
         raise TypeError(f"pipeline must be a DMDPipeline, got {type(pipeline).__name__}")
     modules = {} if modules is None else modules
     if not isinstance(modules, Mapping):
@@ -359,7 +362,8 @@ def save_checkpoint(
         }
         _write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
         if pipeline is not None:
-            _write(tmp / "config.yaml", pipeline.config.to_yaml().encode())
+            text = pipeline.to_yaml() if hasattr(pipeline, "to_yaml") else pipeline.config.to_yaml()
+            _write(tmp / "config.yaml", text.encode())
     _barrier()
 
     # Every rank hashes its share of the files; rank 0 writes the manifest last.
@@ -540,7 +544,8 @@ def load_checkpoint(
         )
     sections = set(meta["sections"])
     if pipeline is not None:
-        for name, has in (("discriminator", pipeline.discriminator), ("ema", pipeline.ema)):
+        for name, has in (("discriminator", getattr(pipeline, "discriminator", None)),
+                          ("ema", pipeline.ema)):  # fmt: skip
             if name in sections and has is None:
                 raise CheckpointError(f"{path} holds a {name} but the pipeline has none")
             if name not in sections and has is not None:

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fastgen.config import SampleTimestepConfig
-from fastgen.dmd.config import DistillationConfig, DMDConfig
+from fastgen.dmd.config import DistillationConfig, DMDConfig, EMAConfig
 
 __all__ = ["MeanFlowConfig", "RCMConfig", "SCMConfig"]
 
@@ -64,6 +64,10 @@ class SCMConfig(DistillationConfig):
     jvp_fd_step: float = Field(1e-3, gt=0.0, lt=1.0)
     """Step of the finite-difference JVP (along the tangent, in its own units; below 1 keeps the
     shifted angles inside [0, pi/2], as the tangent vanishes at both ends)."""
+
+    ema: EMAConfig | None = None
+    """EMA of the student, kept by the trainer (the samples and the export use it); ``None``
+    disables it."""
 
     @model_validator(mode="after")
     def _check_scm(self) -> SCMConfig:
@@ -137,6 +141,10 @@ class MeanFlowConfig(DistillationConfig):
 
     jvp_fd_step: float = Field(1e-4, gt=0.0, lt=0.5)
     """Step in t of the finite-difference JVP (one-sided where t +- step leaves [r, 1])."""
+
+    ema: EMAConfig | None = None
+    """EMA of the student, kept by the trainer (the samples and the export use it); ``None``
+    disables it."""
 
     @model_validator(mode="after")
     def _check_meanflow(self) -> MeanFlowConfig:

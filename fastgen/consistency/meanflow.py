@@ -261,23 +261,26 @@ class MeanFlowPipeline:
         kwargs: dict[str, Any],
         scale: float | None,
         dtype: torch.dtype | None = None,
+        neg_kwargs: dict[str, Any] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The target velocity at wide ``(x_t, t)`` (no gradient) and the conditioning the
         student then sees (training-time guidance swaps the first rows to ``neg_ehs``).
-        ``dtype`` is what the networks take (the latents' dtype; default ``x0``'s)."""
+        ``dtype`` is what the networks take (the latents' dtype; default ``x0``'s);
+        ``neg_kwargs`` replace keyword arguments in the unconditional calls."""
         cfg = self.config
         dtype = x0.dtype if dtype is None else dtype
+        uncond_kwargs = {**kwargs, **(neg_kwargs or {})}
         if cfg.mode == "distillation":
             v = self._teacher_flow(x_t, t, ehs, kwargs, dtype)
             if scale is None:
                 return v, ehs
-            uncond = self._teacher_flow(x_t, t, neg_ehs, kwargs, dtype)
+            uncond = self._teacher_flow(x_t, t, neg_ehs, uncond_kwargs, dtype)
             return classifier_free_guidance(v, uncond, self._window(t, scale, 1.0)), ehs
         v = eps - x0
         mixture = cfg.guidance_mixture_ratio
         if scale is None and mixture is None:
             return v, ehs
-        u_neg = widen(self._u(x_t, t, t, neg_ehs, kwargs, dtype), t.dtype)
+        u_neg = widen(self._u(x_t, t, t, neg_ehs, uncond_kwargs, dtype), t.dtype)
         s = expand_like(self._window(t, 1.0 if scale is None else scale, 1.0), v)
         if mixture is None:
             guided = u_neg + s * (v - u_neg)
@@ -304,6 +307,7 @@ class MeanFlowPipeline:
         t: Tensor | None = None,
         r: Tensor | None = None,
         negative_encoder_hidden_states: Tensor | None = None,
+        negative_model_kwargs: dict[str, Any] | None = None,
         guidance_scale: float | None = None,
         iteration: int | Tensor = 0,
         **model_kwargs: Any,
@@ -318,6 +322,8 @@ class MeanFlowPipeline:
             t: Times ``[B]`` (drawn by :func:`sample_t_r` when None, together with r).
             r: Times ``[B]``, ``r <= t`` (given with ``t``).
             negative_encoder_hidden_states: Unconditional conditioning, needed with guidance.
+            negative_model_kwargs: Keyword arguments that replace ``model_kwargs`` in the
+                unconditional calls (SD3's ``pooled_projections`` of the empty prompt).
             guidance_scale: Overrides ``config.guidance_scale``.
             iteration: The training iteration, for the tangent warmup: a 0-d tensor under
                 ``torch.compile`` (it specializes a Python int 0 or 1 and recompiles after).
@@ -368,6 +374,7 @@ class MeanFlowPipeline:
             v, ehs = self.velocity(
                 x0, eps, x_t, t_w, encoder_hidden_states,
                 negative_encoder_hidden_states, model_kwargs, scale, dtype,
+                negative_model_kwargs,
             )  # fmt: skip
         # 3. The JVP along (v, 1) in (x_t, t), r fixed: no gradient.
         with torch.no_grad():

@@ -86,6 +86,7 @@ class RCMPipeline:
         *,
         t: Tensor | None = None,
         negative_encoder_hidden_states: Tensor | None = None,
+        negative_model_kwargs: dict[str, Any] | None = None,
         guidance_scale: float | None = None,
         iteration: int | Tensor = 0,
         **model_kwargs: Any,
@@ -102,11 +103,13 @@ class RCMPipeline:
         neg = negative_encoder_hidden_states
         scm = self.scm.compute_loss(
             latents, noise, encoder_hidden_states, t=t, negative_encoder_hidden_states=neg,
-            guidance_scale=guidance_scale, iteration=iteration, **model_kwargs,
+            negative_model_kwargs=negative_model_kwargs, guidance_scale=guidance_scale,
+            iteration=iteration, **model_kwargs,
         )  # fmt: skip
         dmd = self.dmd.compute_student_loss(
             latents, noise, encoder_hidden_states, negative_encoder_hidden_states=neg,
-            guidance_scale=guidance_scale, **model_kwargs,
+            negative_model_kwargs=negative_model_kwargs, guidance_scale=guidance_scale,
+            **model_kwargs,
         )  # fmt: skip
         weight = self.config.dmd_weight
         total = compute_once(

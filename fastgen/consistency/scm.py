@@ -292,16 +292,21 @@ class SCMPipeline:
         kwargs: dict[str, Any],
         scale: float | None,
         dtype: torch.dtype,
+        neg_kwargs: dict[str, Any] | None = None,
     ) -> Tensor:
         r"""The ODE's :math:`d\hat x / d\hat t` (no gradient): the (guided) teacher's
-        :math:`\sigma_d F`, or the conditional :math:`-\sin\hat t\, x_0 + \cos\hat t\,\sigma_d\epsilon`."""
+        :math:`\sigma_d F`, or the conditional :math:`-\sin\hat t\, x_0 + \cos\hat t\,\sigma_d\epsilon`
+        (``neg_kwargs`` replace keyword arguments in the unconditional call)."""
         sd = self.config.sigma_data
         if self.config.mode == "training":
             a = expand_like(t_hat, x0)
             return -torch.sin(a) * x0 + torch.cos(a) * sd * eps
         f = self.trigflow(self.teacher, "teacher", x_hat, t_hat, ehs, kwargs, dtype)
         if scale is not None:
-            uncond = self.trigflow(self.teacher, "teacher", x_hat, t_hat, neg_ehs, kwargs, dtype)
+            uncond_kwargs = {**kwargs, **(neg_kwargs or {})}
+            uncond = self.trigflow(
+                self.teacher, "teacher", x_hat, t_hat, neg_ehs, uncond_kwargs, dtype
+            )
             f = classifier_free_guidance(f, uncond, scale)
         return sd * f
 
@@ -313,6 +318,7 @@ class SCMPipeline:
         *,
         t: Tensor | None = None,
         negative_encoder_hidden_states: Tensor | None = None,
+        negative_model_kwargs: dict[str, Any] | None = None,
         guidance_scale: float | None = None,
         iteration: int | Tensor = 0,
         **model_kwargs: Any,
@@ -326,6 +332,8 @@ class SCMPipeline:
             encoder_hidden_states: Conditioning for every network.
             t: Rectified-flow times ``[B]`` (drawn from ``config.sample_t_cfg`` when None).
             negative_encoder_hidden_states: The teacher's unconditional conditioning (CFG).
+            negative_model_kwargs: Keyword arguments that replace ``model_kwargs`` in the
+                unconditional teacher call (SD3's ``pooled_projections`` of the empty prompt).
             guidance_scale: Overrides ``config.guidance_scale``.
             iteration: The training iteration, for the tangent warmup: a 0-d tensor under
                 ``torch.compile`` (it specializes a Python int 0 or 1 and recompiles after).
@@ -364,7 +372,9 @@ class SCMPipeline:
         ehs = encoder_hidden_states
         neg = negative_encoder_hidden_states
         with torch.no_grad():
-            vel = self.velocity(x0, eps, x_hat, t_hat, ehs, neg, model_kwargs, scale, dtype)
+            vel = self.velocity(
+                x0, eps, x_hat, t_hat, ehs, neg, model_kwargs, scale, dtype, negative_model_kwargs
+            )
         # 3. The student with gradient; its JVP along cos sin (vel, 1) without.
         f = self.trigflow(self.student, "student", x_hat, t_hat, ehs, model_kwargs, dtype)
         cs = torch.cos(t_hat) * torch.sin(t_hat)

@@ -34,9 +34,8 @@ from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.ema import ExponentialMovingAverage
 from fastgen.dmd.factory import is_sharded
 from fastgen.dmd.guidance import check_scale, classifier_free_guidance
-from fastgen.dmd.state import check_state, load_network_state, network_state
+from fastgen.dmd.state import load_pipeline_state, pipeline_state
 from fastgen.dmd.student_input import StudentInput
-from fastgen.errors import CheckpointError
 from fastgen.flow_matching import add_noise, convert_prediction
 from fastgen.losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
 from fastgen.precision import compute_dtype, compute_once, widen
@@ -488,12 +487,7 @@ class DMDPipeline:
         tensors are the live ones, not copies: ``torch.distributed.checkpoint`` can load into
         them in place.
         """
-        state: dict[str, Any] = {name: network_state(net) for name, net in self.networks().items()}
-        if self._ema is not None:
-            state["ema"] = self._ema.sharded_state_dict()
-            state["ema_initialized"] = self._ema.initialized
-        state["iteration"] = self._iteration
-        return state
+        return pipeline_state(self.networks(), self._ema, self._iteration)
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         """Restore :meth:`state_dict`'s output. Everything is checked before anything is written.
@@ -508,32 +502,7 @@ class DMDPipeline:
                 network and the key), or the state holds a discriminator or an EMA the pipeline
                 lacks, or lacks one it has.
         """
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        nets = self.networks()
-        for name, has in (("discriminator", self.discriminator), ("ema", self._ema)):
-            if name in state and has is None:
-                raise CheckpointError(
-                    f"the state holds a {name} but this pipeline has none "
-                    f"({'discriminator=' if name == 'discriminator' else 'config.ema'} not set)"
-                )
-            if name not in state and has is not None:
-                raise CheckpointError(f"this pipeline has a {name} but the state holds none")
-        known = {*nets, "iteration", *(("ema", "ema_initialized") if self._ema else ())}
-        unknown = sorted(set(state) - known)
-        if unknown:
-            raise CheckpointError(f"unexpected sections {unknown} in the pipeline state")
-        for name in nets:
-            if name not in state:
-                raise CheckpointError(f"the state holds no {name}")
-        for name, net in nets.items():
-            check_state(name, network_state(net), state[name], strict=strict)
-        if self._ema is not None:
-            check_state("ema", self._ema.sharded_state_dict(), state["ema"], strict=True)
-        for name, net in nets.items():
-            load_network_state(net, state[name], strict=strict)
-        if self._ema is not None:
-            self._ema.load_state_dict(
-                state["ema"], initialized=bool(state.get("ema_initialized", True))
-            )
-        self._iteration = int(state.get("iteration", 0))
+        self._iteration = load_pipeline_state(
+            self.networks(), self._ema, state, strict=strict,
+            optional={"discriminator": self.discriminator is not None},
+        )  # fmt: skip

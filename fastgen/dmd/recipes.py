@@ -31,7 +31,9 @@ def list_recipes() -> list[str]:
     return sorted(p.name.rsplit(".", 1)[0] for p in _BUILTIN.iterdir() if p.name.endswith(".yaml"))
 
 
-def _resolve(name_or_path: str | Path):
+def _resolve(name_or_path: str | Path, folders: tuple = (_BUILTIN,), names: Any = None):
+    """The recipe file: ``name_or_path`` itself (suffix optional), else a built-in of that name
+    in ``folders`` (``names()``: the built-in names, for the error)."""
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
@@ -41,12 +43,13 @@ def _resolve(name_or_path: str | Path):
         if candidate.is_file():
             return candidate
     stem = path.name[: -len(path.suffix)] if path.suffix in _SUFFIXES else path.name
-    builtin = _BUILTIN / f"{stem}.yaml"
-    if builtin.is_file():
-        return builtin
+    for folder in folders:
+        builtin = folder / f"{stem}.yaml"
+        if builtin.is_file():
+            return builtin
     raise FileNotFoundError(
         f"no recipe file {str(name_or_path)!r} (tried {', '.join(map(str, candidates))}) and no "
-        f"built-in recipe {stem!r}; built-in recipes: {', '.join(list_recipes())}"
+        f"built-in recipe {stem!r}; built-in recipes: {', '.join((names or list_recipes)())}"
     )
 
 
@@ -65,9 +68,12 @@ def load_config(name_or_path: str | Path) -> dict[str, Any]:
         FileNotFoundError: Neither a file nor a built-in recipe has that name.
         ValueError: The file does not hold a mapping.
     """
+    return _read(_resolve(name_or_path))
+
+
+def _read(source: Any) -> dict[str, Any]:
     import yaml
 
-    source = _resolve(name_or_path)
     text = source.read_text(encoding="utf-8")
     data = json.loads(text) if source.name.endswith(".json") else yaml.safe_load(text)
     if data is None:

@@ -8,13 +8,22 @@ activation checkpointing's wrappers are looked through); FSDP2-sharded parameter
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from fastgen.errors import CheckpointError
 
-__all__ = ["check_state", "load_network_state", "network_state"]
+if TYPE_CHECKING:
+    from fastgen.dmd.ema import ExponentialMovingAverage
+
+__all__ = [
+    "check_state",
+    "load_network_state",
+    "load_pipeline_state",
+    "network_state",
+    "pipeline_state",
+]
 
 
 def network_state(net: nn.Module) -> dict[str, Tensor]:
@@ -71,3 +80,64 @@ def load_network_state(net: nn.Module, state: Mapping[str, Tensor], *, strict: b
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(net, dict(state), options=StateDictOptions(strict=strict))
+
+
+def pipeline_state(
+    nets: Mapping[str, nn.Module], ema: ExponentialMovingAverage | None, iteration: int
+) -> dict[str, Any]:
+    """A pipeline's trained state as one nested dict: each network's :func:`network_state`,
+    the EMA shadows (``"ema"``, ``"ema_initialized"``) when there is an EMA, and the EMA update
+    counter (``"iteration"``). The tensors are the live ones: DCP loads into them in place."""
+    state: dict[str, Any] = {name: network_state(net) for name, net in nets.items()}
+    if ema is not None:
+        state["ema"] = ema.sharded_state_dict()
+        state["ema_initialized"] = ema.initialized
+    state["iteration"] = iteration
+    return state
+
+
+def load_pipeline_state(
+    nets: Mapping[str, nn.Module],
+    ema: ExponentialMovingAverage | None,
+    state: dict[str, Any],
+    *,
+    strict: bool = True,
+    optional: Mapping[str, bool] | None = None,
+) -> int:
+    """Write :func:`pipeline_state`'s output back, everything checked before anything is
+    written; returns the saved EMA update counter.
+
+    ``optional`` maps a section that a pipeline may or may not have (``"discriminator"``) to
+    whether this one has it; the EMA is checked the same way.
+
+    Raises:
+        CheckpointError: A network's keys or shapes do not match (named), or the state holds
+            a section this pipeline lacks, or lacks one it has.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    sections = {**(optional or {}), "ema": ema is not None}
+    for name, has in sections.items():
+        if name in state and not has:
+            hint = "config.ema" if name == "ema" else f"{name}="
+            raise CheckpointError(
+                f"the state holds a {name} but this pipeline has none ({hint} not set)"
+            )
+        if name not in state and has:
+            raise CheckpointError(f"this pipeline has a {name} but the state holds none")
+    known = {*nets, "iteration", *(("ema", "ema_initialized") if ema is not None else ())}
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise CheckpointError(f"unexpected sections {unknown} in the pipeline state")
+    for name in nets:
+        if name not in state:
+            raise CheckpointError(f"the state holds no {name}")
+    for name, net in nets.items():
+        check_state(name, network_state(net), state[name], strict=strict)
+    if ema is not None:
+        check_state("ema", ema.sharded_state_dict(), state["ema"], strict=True)
+    for name, net in nets.items():
+        load_network_state(net, state[name], strict=strict)
+    if ema is not None:
+        ema.load_state_dict(state["ema"], initialized=bool(state.get("ema_initialized", True)))
+    return int(state.get("iteration", 0))

@@ -54,21 +54,29 @@ def import_function(spec: str, key: str) -> Callable:
     return fn
 
 
-def build_networks(run: RunConfig, dmd: DMDConfig) -> dict[str, nn.Module]:
-    """``{"teacher", "student", "fake_score"[, "discriminator"]}`` for the run (see above)."""
+def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
+    """``{"teacher", "student", "fake_score"[, "discriminator"]}`` for the run (see above);
+    ``dmd`` is the method's config: sCM and MeanFlow have no fake score, MeanFlow's student is
+    a :class:`~fastgen.consistency.MeanFlowNet` of the teacher's copy."""
     if run.teacher is not None:
+        from fastgen.consistency.config import MeanFlowConfig, RCMConfig, SCMConfig
         from fastgen.train.folders import default_discriminator, load_teacher
 
         try:
             teacher = load_teacher(run.teacher)
         except (OSError, ValueError) as err:
             raise RunError(_one_line(err)) from None
-        nets = {
-            "teacher": teacher,
-            "student": copy.deepcopy(teacher).to(torch.float32),
-            "fake_score": copy.deepcopy(teacher).to(torch.float32),
-        }
-        if dmd.gan_loss_weight_gen > 0:
+        nets = {"teacher": teacher, "student": copy.deepcopy(teacher).to(torch.float32)}
+        if isinstance(dmd, MeanFlowConfig):
+            from fastgen.consistency.networks import MeanFlowNet
+
+            try:
+                nets["student"] = MeanFlowNet(nets["student"])
+            except ValueError as err:
+                raise RunError(f"teacher: {err}") from None
+        if isinstance(dmd, RCMConfig) or not isinstance(dmd, SCMConfig | MeanFlowConfig):
+            nets["fake_score"] = copy.deepcopy(teacher).to(torch.float32)
+        if isinstance(dmd, DMDConfig) and dmd.gan_loss_weight_gen > 0:
             try:
                 nets["discriminator"] = default_discriminator(teacher)
             except ValueError as err:
@@ -88,9 +96,10 @@ def build_networks(run: RunConfig, dmd: DMDConfig) -> dict[str, nn.Module]:
     return nets
 
 
-def build_data(run: RunConfig, rank: int, world: int, dmd: DMDConfig | None = None) -> Any:
-    """This rank's batch callable for the run (see above). With ``dmd``, a prompts-only cache
-    is refused for recipes that read real latents."""
+def build_data(run: RunConfig, rank: int, world: int, dmd: Any = None) -> Any:
+    """This rank's batch callable for the run (see above). With ``dmd`` (the method's config),
+    a prompts-only cache is refused for recipes that read real latents (the consistency family
+    always does: its losses noise the data)."""
     if run.data is None:
         raise RunError("data: required ({cache, batch_size} or 'module:function')")
     if isinstance(run.data, str):
@@ -102,18 +111,17 @@ def build_data(run: RunConfig, rank: int, world: int, dmd: DMDConfig | None = No
                            world=world, seed=run.seed or 0, shuffle=run.data.shuffle)  # fmt: skip
     except CacheError as err:
         raise RunError(f"data.cache: {err}") from None
-    if (
-        dmd is not None
-        and getattr(data, "placeholder_latents", False)
-        and (
-            dmd.gan_loss_weight_gen > 0
-            or (dmd.student_sample_steps > 1 and not dmd.backward_simulation)
-        )
-    ):
+    reads_latents = dmd is not None and (
+        not isinstance(dmd, DMDConfig)  # the consistency family noises the data itself
+        or dmd.gan_loss_weight_gen > 0
+        or (dmd.student_sample_steps > 1 and not dmd.backward_simulation)
+    )
+    if reads_latents and getattr(data, "placeholder_latents", False):
         raise RunError(
             f"data.cache: {run.data.cache!r} holds placeholder latents (a prompts-only cache); "
-            "this recipe reads real latents (the GAN branch, or a multi-step student without "
-            "backward_simulation): encode images with fastgen cache --images"
+            "this recipe reads real latents (the consistency family, the GAN branch, or a "
+            "multi-step student without backward_simulation): encode images with fastgen "
+            "cache --images"
         )
     return data
 
@@ -135,7 +143,7 @@ def build(run: RunConfig, *, rank: int | None = None, world: int | None = None) 
     if not isinstance(run, RunConfig):
         raise TypeError(f"run must be a RunConfig, got {type(run).__name__}")
     try:
-        dmd = run.dmd_config()
+        dmd = run.method_config()
     except FileNotFoundError as err:
         raise RunError(f"recipe: {err}") from None
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank

@@ -303,10 +303,21 @@ class RunConfig(BaseModel):
     discriminator) updates, then one student update and one EMA update."""
 
     recipe: str | None = None
-    """A built-in recipe name or a YAML/JSON path (:func:`fastgen.load_dmd_config`)."""
+    """A built-in recipe name or a YAML/JSON path; the recipe names the method (DMD2 when it
+    names none): ``dmd2_sd3``, ``scm_sd3``, ``rcm_wan21``, ``meanflow_flux``, ...
+    (:func:`fastgen.train.load_method_config`)."""
 
     dmd: dict[str, Any] = Field(default_factory=dict)
-    """:class:`~fastgen.DMDConfig` fields that override the recipe's."""
+    """:class:`~fastgen.DMDConfig` fields that override a DMD2 recipe's."""
+
+    scm: dict[str, Any] = Field(default_factory=dict)
+    """:class:`~fastgen.consistency.SCMConfig` fields that override an sCM recipe's."""
+
+    rcm: dict[str, Any] = Field(default_factory=dict)
+    """:class:`~fastgen.consistency.RCMConfig` fields that override an rCM recipe's."""
+
+    meanflow: dict[str, Any] = Field(default_factory=dict)
+    """:class:`~fastgen.consistency.MeanFlowConfig` fields that override a MeanFlow recipe's."""
 
     teacher: TeacherConfig | None = None
     """The teacher from a diffusers model folder; student and fake score start as copies of it
@@ -386,13 +397,50 @@ class RunConfig(BaseModel):
             )
         return self
 
-    def dmd_config(self) -> DMDConfig:
-        """The recipe with ``dmd`` overrides, validated (errors name the field)."""
-        from fastgen.dmd.recipes import load_config
+    @property
+    def method(self) -> str:
+        """The method the run trains: the recipe's, else the one whose override section is set
+        (``dmd2`` by default)."""
+        from fastgen.train.recipes import recipe_method
 
-        fields = dict(load_config(self.recipe)) if self.recipe is not None else {}
-        fields.update(self.dmd)
-        return DMDConfig.model_validate(fields)
+        if self.recipe is not None:
+            return recipe_method(self.recipe)
+        return next((m for m in ("scm", "rcm", "meanflow") if getattr(self, m)), "dmd2")
+
+    def method_config(self) -> Any:
+        """The recipe with its method's overrides (``dmd``, ``scm``, ``rcm`` or ``meanflow``),
+        validated: a :class:`~fastgen.DMDConfig`, :class:`~fastgen.consistency.SCMConfig`,
+        :class:`~fastgen.consistency.RCMConfig` or :class:`~fastgen.consistency.MeanFlowConfig`.
+
+        Raises:
+            FileNotFoundError: No such recipe.
+            ValueError: An override section of another method than the recipe's.
+            pydantic.ValidationError: A bad field (named).
+        """
+        from fastgen.train.recipes import load_method_config
+
+        method = self.method
+        for other in ("dmd", "scm", "rcm", "meanflow"):
+            if getattr(self, other) and other != ("dmd" if method == "dmd2" else method):
+                raise ValueError(
+                    f"{other}: overrides of another method; the run trains {method} "
+                    f"(recipe {self.recipe!r}): set {'dmd' if method == 'dmd2' else method}: instead"
+                )
+        overrides = self.dmd if method == "dmd2" else getattr(self, method)
+        return load_method_config(self.recipe, overrides, method=method)
+
+    def dmd_config(self) -> DMDConfig:
+        """The recipe with ``dmd`` overrides, validated (errors name the field).
+
+        Raises:
+            ValueError: The recipe is another method's (see :meth:`method_config`).
+        """
+        config = self.method_config()
+        if not isinstance(config, DMDConfig):
+            raise ValueError(
+                f"recipe {self.recipe!r} trains {self.method}, not DMD2: see method_config()"
+            )
+        return config
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen.dmd.calls import NetworkCall
-from fastgen.dmd.config import DMDConfig
 from fastgen.dmd.guidance import classifier_free_guidance
 from fastgen.eval import (
     CollapseAlarm,
@@ -143,8 +142,16 @@ def encode_prompts(folder: str | Path, prompts: Sequence[str], device: torch.dev
     return move(cond), move({k[len("negative_") :]: v for k, v in neg.items()})
 
 
-def student_ladders(dmd: DMDConfig) -> dict[int, list[float]]:
-    """The student's own ladders: 1 step (``[t_0, 0]``) and, for a K-step student, all K."""
+def student_ladders(dmd: Any) -> dict[int, list[float]]:
+    """The student's own ladders: 1 step (``[t_0, 0]``) and, for a K-step student, all K; for
+    a consistency model sCM's 1- and 2-step ladders (:func:`~fastgen.consistency.scm_t_list`),
+    for MeanFlow one jump and two through t = 0.5."""
+    from fastgen.consistency import MeanFlowConfig, SCMConfig, scm_t_list
+
+    if isinstance(dmd, SCMConfig):
+        return {n: scm_t_list(n, sigma_data=dmd.sigma_data) for n in (1, 2)}
+    if isinstance(dmd, MeanFlowConfig):
+        return {1: [1.0, 0.0], 2: [1.0, 0.5, 0.0]}
     t_list = list(dmd.sample_t_cfg.t_list or (dmd.sample_t_cfg.max_t, 0.0))
     ladders = {1: [t_list[0], 0.0]}
     if len(t_list) > 2:
@@ -179,7 +186,8 @@ class Monitor:
 
     Args:
         config: The run's ``eval`` section.
-        dmd: The run's DMD2 config (the student's ladders, prediction type, timestep scale).
+        dmd: The run's method config (the student's sampler and ladders, prediction type,
+            timestep scale, the teacher's guidance).
         batch: A batch of the data (on the training device), whose first ``config.samples``
             conditions are the evaluation's prompts unless ``conditioning`` is given.
         call: The networks' call (``None``: diffusers' standard keywords).
@@ -195,7 +203,7 @@ class Monitor:
     def __init__(
         self,
         config: EvalConfig,
-        dmd: DMDConfig,
+        dmd: Any,
         batch: Batch,
         *,
         call: NetworkCall | None = None,
@@ -274,8 +282,15 @@ class Monitor:
     def student_samples(self, student: nn.Module) -> dict[int, dict[str, Tensor]]:
         """The student's samples on its own ladders (1 step and K steps)."""
         out = {}
+        from fastgen.consistency import MeanFlowConfig, SCMConfig, meanflow_sample
+
         for steps, ladder in student_ladders(self.dmd).items():
-            x = self._sample(student, ladder, self.call, self.dmd.student_sample_type)
+            if isinstance(self.dmd, MeanFlowConfig):  # jumps along the average velocity
+                x = meanflow_sample(student, self.noise, ladder, r_keyword=self.dmd.r_keyword,
+                                    encoder_hidden_states=self.ehs, call=self.call, **self.kwargs)  # fmt: skip
+            else:  # a consistency model re-noises between its steps (the "sde" ladder)
+                mode = "sde" if isinstance(self.dmd, SCMConfig) else self.dmd.student_sample_type
+                x = self._sample(student, ladder, self.call, mode)
             pictures = self._pictures(x)
             out[steps] = {"x": x, "pictures": pictures, "features": self._features(x, pictures)}
         return out

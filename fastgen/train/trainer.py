@@ -34,6 +34,7 @@ from fastgen.train.images import image_grid, write_png
 from fastgen.train.lora import add_lora
 from fastgen.train.monitor import Monitor, encode_prompts, load_decoder, pipeline_folder
 from fastgen.train.preemption import Preempted, PreemptionNotice
+from fastgen.train.recipes import method_of
 
 __all__ = ["CollapseError", "NonFiniteLossError", "Trainer"]
 
@@ -121,30 +122,54 @@ class Trainer:
                 f"data must be a callable returning a batch dict, got {type(data).__name__}"
             )
         self.run = run
-        self.dmd = run.dmd_config() if dmd is None else dmd
+        self.dmd = run.method_config() if dmd is None else dmd
+        self.method = method_of(self.dmd)
+        consistency = self.method != "dmd2"
         self.data = data
         self.out = Path(run.out)
         self._setup_distributed()
         if device is not None:
             self.device = torch.device(device)
         device = self.device
-        student = copy.deepcopy(teacher) if student is None else student
-        fake_score = create_fake_score(teacher) if fake_score is None else fake_score
+        if consistency and discriminator is not None:
+            raise ValueError(f"discriminator: {self.method} has no GAN branch")
+        if self.method in ("scm", "meanflow") and fake_score is not None:
+            raise ValueError(f"fake_score: {self.method} trains none (rcm and dmd2 do)")
+        if student is None:
+            student = copy.deepcopy(teacher)
+            if self.method == "meanflow":
+                from fastgen.consistency.networks import MeanFlowNet
+
+                student = MeanFlowNet(student)
+        if fake_score is None and self.method in ("dmd2", "rcm"):
+            fake_score = create_fake_score(teacher)
         if run.lora is not None:  # only the adapters train
             add_lora(student, run.lora)
-            add_lora(fake_score, run.lora)
+            if fake_score is not None:
+                add_lora(fake_score, run.lora)
+            if hasattr(student, "r_embedder"):  # MeanFlow's embedding of t - r is new: it trains
+                student.r_embedder.requires_grad_(True)
         else:
             student.requires_grad_(True)
         student.train()
         self._plain_student = student
         # A plain copy for validation samples of the EMA (made before any wrapping).
         self._ema_net = copy.deepcopy(student).requires_grad_(False).eval().to(device)
-        nets = [teacher.to(device), student.to(device), fake_score.to(device)]
+        weight_net = None
+        if self.method in ("scm", "rcm"):
+            from fastgen.consistency.scm import AdaptiveWeight
+
+            weight_net = AdaptiveWeight(seed=run.seed or 0).to(device)
+        nets = [n.to(device) for n in (teacher, student, fake_score) if n is not None]
         if discriminator is not None:
             discriminator.to(device)
-        self._params = {"student": _trainable(student), "fake_score": _trainable(fake_score)}
+        self._params = {"student": _trainable(student)}
+        if fake_score is not None:
+            self._params["fake_score"] = _trainable(fake_score)
         if discriminator is not None:
             self._params["discriminator"] = list(discriminator.parameters())
+        if weight_net is not None:
+            self._params["weight_net"] = list(weight_net.parameters())
         if run.parallel == "fsdp2":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -156,27 +181,47 @@ class Trainer:
                 fully_shard(net, mp_policy=mp)
             # the sharded parameters are new objects
             self._params["student"] = _trainable(student)
-            self._params["fake_score"] = _trainable(fake_score)
+            if fake_score is not None:
+                self._params["fake_score"] = _trainable(fake_score)
         wrap = self._ddp if run.parallel == "ddp" else (lambda m: m)
-        disc = None
-        if discriminator is not None:
-            disc = self._ddp(discriminator) if run.parallel != "none" else discriminator
-        self.pipeline = DMDPipeline(wrap(student), teacher, wrap(fake_score), self.dmd,
-                                    discriminator=disc, call=call)  # fmt: skip
+        # small networks stay replicated (DDP) under FSDP2 too
+        replicated = self._ddp if run.parallel != "none" else (lambda m: m)
+        disc = None if discriminator is None else replicated(discriminator)
+        if consistency:
+            from fastgen.train.methods import ConsistencyPipeline
+
+            self.pipeline = ConsistencyPipeline(
+                wrap(student), teacher, self.dmd,
+                fake_score=None if fake_score is None else wrap(fake_score),
+                weight_net=None if weight_net is None else replicated(weight_net), call=call,
+            )  # fmt: skip
+        else:
+            self.pipeline = DMDPipeline(wrap(student), teacher, wrap(fake_score), self.dmd,
+                                        discriminator=disc, call=call)  # fmt: skip
         self._call = call
         self.optimizers = {}
         for name, params in self._params.items():
-            o = getattr(run.optim, name)
+            # the adaptive weighting trains with the student's loss, at the student's settings
+            o = getattr(run.optim, "student" if name == "weight_net" else name)
             self.optimizers[name] = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
                                                       weight_decay=o.weight_decay)  # fmt: skip
         self.schedulers = {
-            name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(run, getattr(run.optim, name)))
+            name: torch.optim.lr_scheduler.LambdaLR(
+                opt,
+                _lr_lambda(run, getattr(run.optim, "student" if name == "weight_net" else name)),
+            )
             for name, opt in self.optimizers.items()
         }
+        # which optimizers each loss steps
+        self._groups = {name: [name] for name in self._params if name != "weight_net"}
+        if weight_net is not None:
+            self._groups["student"].append("weight_net")
         pipe = self.pipeline
-        self.losses = {"student": pipe.compute_student_loss,
-                       "fake_score": pipe.compute_fake_score_loss,
-                       "discriminator": pipe.compute_discriminator_loss}  # fmt: skip
+        self.losses = {"student": pipe.compute_student_loss}
+        if fake_score is not None:
+            self.losses["fake_score"] = pipe.compute_fake_score_loss
+        if discriminator is not None:
+            self.losses["discriminator"] = pipe.compute_discriminator_loss
         if run.compile:
             # DDP's own forward cannot be traced whole: graph breaks around it there.
             full = run.parallel != "ddp"
@@ -197,11 +242,18 @@ class Trainer:
         self._positions: list[dict | None] = []  # the data's position before each call
         self._batch_keys: list[str] = []
         self._done = 0
-        self._calls_per_iteration = (
-            self.dmd.student_update_freq * (2 if "discriminator" in self._params else 1) + 1
-        )
+        self._calls_per_iteration = self._updates_per_iteration()
 
     # --- setup ----------------------------------------------------------------------------
+
+    def _fake_score_updates(self) -> int:
+        """Fake-score updates per iteration (each followed by a discriminator update)."""
+        if self.method == "dmd2":
+            return self.dmd.student_update_freq
+        return self.pipeline.fake_score_updates
+
+    def _updates_per_iteration(self) -> int:
+        return self._fake_score_updates() * (2 if "discriminator" in self._params else 1) + 1
 
     def _setup_distributed(self) -> None:
         world_env = int(os.environ.get("WORLD_SIZE", "1"))
@@ -272,20 +324,25 @@ class Trainer:
                 extra["negative_encoder_hidden_states"] = neg_ehs
             if negative:
                 extra["negative_model_kwargs"] = negative
+        if name == "student" and self.method != "dmd2":
+            # a 0-d tensor for the tangent warmup: a Python int would recompile per value
+            extra["iteration"] = torch.tensor(iteration, device=self.device)
         with self._autocast():
             out = self.losses[name](latents, noise, ehs, **extra, **kwargs)
         loss = out["total"]
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
+        group = self._groups[name]
+        for net in group:
+            self.optimizers[net].zero_grad(set_to_none=True)
         loss.backward()
         clip = self.run.optim.grad_clip
-        if clip is not None:
-            self._norms[name] = torch.nn.utils.clip_grad_norm_(self._params[name], clip)
-        elif iteration % self.run.log.every == 0 or iteration == self.run.steps:
-            # without clipping the norm is only read when it is logged
-            grads = [p.grad for p in self._params[name] if p.grad is not None]
-            self._norms[name] = torch.nn.utils.get_total_norm(grads)
-        opt.step()
+        for net in group:
+            if clip is not None:
+                self._norms[net] = torch.nn.utils.clip_grad_norm_(self._params[net], clip)
+            elif iteration % self.run.log.every == 0 or iteration == self.run.steps:
+                # without clipping the norm is only read when it is logged
+                grads = [p.grad for p in self._params[net] if p.grad is not None]
+                self._norms[net] = torch.nn.utils.get_total_norm(grads)
+            self.optimizers[net].step()
         self._last[name] = {k: v.detach() for k, v in out.items()}
         # The first non-finite iteration, kept on the device (read at log and save time only).
         bad = self._bad.get(name)
@@ -341,7 +398,7 @@ class Trainer:
         for name, lr in self._lrs.items():
             scalars[f"lr/{name}"] = lr
         batch = self._seen_batch
-        updates = self.dmd.student_update_freq * (2 if "discriminator" in self._params else 1) + 1
+        updates = self._updates_per_iteration()
         scalars["time/seconds_per_iteration"] = seconds_per_it
         scalars["time/samples_per_second"] = (
             batch * updates * self.world / max(seconds_per_it, 1e-12)
@@ -592,7 +649,10 @@ class Trainer:
             (self.out / "config.yaml").write_text(
                 yaml.safe_dump(json.loads(run.model_dump_json()), sort_keys=False)
             )
-            (self.out / "dmd.yaml").write_text(self.dmd.to_yaml())
+            if self.method == "dmd2":
+                (self.out / "dmd.yaml").write_text(self.dmd.to_yaml())
+            else:
+                (self.out / f"{self.method}.yaml").write_text(self.pipeline.to_yaml())
         self._viewer = self._monitor = None
         if (
             run.validation.every is not None or run.eval.every is not None
@@ -622,7 +682,7 @@ class Trainer:
     def run_iteration(self, iteration: int) -> None:
         """One iteration's updates (0-based ``iteration``): the fake-score (and discriminator)
         updates, the student update, the LR schedulers' step, the EMA update."""
-        for _ in range(self.dmd.student_update_freq):
+        for _ in range(self._fake_score_updates()):
             self._update("fake_score", iteration + 1)
             if "discriminator" in self._params:
                 self._update("discriminator", iteration + 1)
