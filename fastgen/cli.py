@@ -60,7 +60,8 @@ def _distill(args: argparse.Namespace) -> int:
     try:
         trainer = build(run)
     except pydantic.ValidationError as err:
-        raise UsageError(_validation_line(err, f"{args.config}: dmd.")) from None
+        section = "dmd" if run.method == "dmd2" else run.method
+        raise UsageError(_validation_line(err, f"{args.config}: {section}.")) from None
     except RunError as err:
         raise UsageError(f"{args.config}: {err}") from None
     try:
@@ -112,13 +113,12 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from fastgen.cache import LatentCache
-    from fastgen.sampling import sample
-    from fastgen.train.folders import call_for, load_model, read_export
+    from fastgen.train.folders import load_exported, read_export, sample_exported
     from fastgen.train.images import image_grid, write_png
 
     try:
         settings = read_export(args.student)
-        student = load_model(args.student, class_name=settings.get("class_name"), where="--student")
+        student = load_exported(args.student, settings)
         cache = LatentCache(args.cache, batch_size=args.samples, shuffle=False)
     except (OSError, ValueError) as err:
         raise UsageError(_one_line(err)) from None
@@ -128,11 +128,7 @@ def _sample(args: argparse.Namespace) -> int:
     ehs = kwargs.pop("encoder_hidden_states", None)
     t_list = settings["t_list"] if args.steps is None else _ladder(settings["t_list"], args.steps)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed))
-    student.eval()
-    x = sample(student, noise.to(latents.dtype), t_list, mode=settings["student_sample_type"],
-               pred_type=settings["pred_type"], num_train_timesteps=settings["num_train_timesteps"],
-               encoder_hidden_states=ehs, call=call_for(type(student).__name__),
-               **kwargs)  # fmt: skip
+    x = sample_exported(student, noise.to(latents.dtype), t_list, settings, ehs, kwargs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"samples": x, "t_list": t_list}, out.with_suffix(".pt"))
@@ -181,15 +177,9 @@ def _sample_pictures(args: argparse.Namespace) -> int:
                 else _ladder(settings["t_list"], args.steps)
             )
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed))
-            from fastgen.sampling import sample
-            from fastgen.train.folders import call_for
+            from fastgen.train.folders import sample_exported
 
-            with torch.no_grad():
-                x = sample(student, noise, t_list, mode=settings["student_sample_type"],
-                           pred_type=settings["pred_type"],
-                           num_train_timesteps=settings["num_train_timesteps"],
-                           encoder_hidden_states=ehs, call=call_for(type(student).__name__),
-                           **kwargs)  # fmt: skip
+            x = sample_exported(student, noise, t_list, settings, ehs, kwargs)
             images = decode(pipe, x)
     except (OSError, ValueError) as err:
         raise UsageError(_one_line(err)) from None
@@ -268,18 +258,21 @@ def _ladder(t_list: list[float], steps: int) -> list[float]:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    from importlib.resources import files
+    from fastgen.train.recipes import list_method_recipes, recipe_source
 
-    from fastgen.dmd.recipes import list_recipes
-
-    for name in list_recipes():
-        text = (files("fastgen.dmd") / "recipes" / f"{name}.yaml").read_text(encoding="utf-8")
+    for name, method in list_method_recipes().items():
+        text = recipe_source(name).read_text(encoding="utf-8")
         comment = []
         for line in text.splitlines():
             if not line.startswith("#"):
                 break
             comment.append(line.lstrip("# ").rstrip())
-        print(f"{name}: {' '.join(comment)}")
+        print(f"{name} [{method}]: {' '.join(comment)}")
+        import yaml
+
+        fields = yaml.safe_load(text) or {}
+        knobs = [f"{k}={v}" for k, v in fields.items() if k != "method" and not isinstance(v, dict)]
+        print(f"    {', '.join(knobs)}")
     return 0
 
 
@@ -368,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=None, help="fewer steps than the student's ladder")
     ev.add_argument("--seed", type=int, default=0, help="the first prompt's noise seed")
     ev.set_defaults(fn=_eval)
-    recipes = sub.add_parser("recipes", help="the built-in DMD2 recipes and their sources")
+    recipes = sub.add_parser(
+        "recipes", help="the built-in recipes (DMD2, sCM, rCM, MeanFlow) and their sources"
+    )
     recipes.set_defaults(fn=_recipes)
     return parser
 

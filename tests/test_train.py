@@ -250,9 +250,10 @@ def test_cli_missing_config_path(tmp_path, capsys):
 
 def test_cli_recipes(capsys):
     assert main(["recipes"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in out] == fastgen.list_recipes()
-    assert "modelopt" in out[fastgen.list_recipes().index("dmd2_qwen_image")]
+    heads = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("    ")]
+    dmd2 = [h for h in heads if " [dmd2]" in h]
+    assert [h.split(" [")[0] for h in dmd2] == fastgen.list_recipes()
+    assert "modelopt" in dmd2[fastgen.list_recipes().index("dmd2_qwen_image")]
 
 
 def cli(*args: str, **popen) -> subprocess.Popen:

@@ -30,10 +30,9 @@ from fastgen.eval import (
     vendi_score,
 )
 from fastgen.eval.features import ClipScorer, FeatureNet
-from fastgen.sampling import sample
 from fastgen.train.decode import DECODERS, decode
 from fastgen.train.encode import PipelineFamily, read_pixels
-from fastgen.train.folders import call_for, load_model, read_export
+from fastgen.train.folders import load_exported, read_export, sample_exported
 from fastgen.train.images import image_grid, write_png
 
 __all__ = [
@@ -108,10 +107,10 @@ def load_student(
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
     settings = read_export(folder)
-    student = load_model(folder, class_name=settings.get("class_name"), where="--student").eval()
+    student = load_exported(folder, settings)
     if pipe is not None:
         teacher = getattr(pipe, "transformer", None)
-        if type(teacher).__name__ != type(student).__name__:
+        if type(teacher).__name__ != settings.get("class_name", type(student).__name__):
             raise ValueError(
                 f"--student is a {type(student).__name__}, the pipeline's transformer a "
                 f"{type(teacher).__name__}: not the student of this pipeline"
@@ -186,12 +185,7 @@ def sample_student(
         kwargs = {**cond, **{k: v for k, v in noise.items() if k != "latents"}}
 
         def run(noise=noise, ehs=ehs, kwargs=kwargs) -> Tensor:
-            with torch.no_grad():
-                x = sample(student, noise["latents"], t_list, mode=settings["student_sample_type"],
-                           pred_type=settings["pred_type"],
-                           num_train_timesteps=settings["num_train_timesteps"],
-                           encoder_hidden_states=ehs, call=call_for(type(student).__name__),
-                           **kwargs)  # fmt: skip
+            x = sample_exported(student, noise["latents"], t_list, settings, ehs, kwargs)
             return decode(pipe, x)
 
         pictures, took = _timed(run)

@@ -174,11 +174,12 @@ def export_student(
         save_adapter(student, folder / "lora")
         student = merged(student)
     student.save_pretrained(str(folder / "transformer"))
-    if teacher is not None and teacher.subfolder is not None:
+    meanflow = hasattr(student, "r_embedder")  # a diffusers pipeline would drop its r
+    if teacher is not None and teacher.subfolder is not None and not meanflow:
         source = Path(teacher.path)
         if (source / "model_index.json").is_file():
             _export_pipeline(source, teacher.subfolder, student, folder / "pipeline")
-    settings = sampling_settings(dmd, type(student).__name__)
+    settings = sampling_settings(dmd, type(getattr(student, "base", student)).__name__)
     (folder / "fastgen.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     return folder
 
@@ -201,17 +202,77 @@ def _export_pipeline(source: Path, subfolder: str, student: nn.Module, target: P
             config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def sampling_settings(dmd: DMDConfig, class_name: str) -> dict[str, Any]:
+def sampling_settings(dmd: Any, class_name: str) -> dict[str, Any]:
     """How the student samples (``fastgen.json`` of an export): its ladder, prediction type,
-    timestep scale, ODE or SDE steps, and its diffusers class."""
-    t_list = dmd.sample_t_cfg.t_list or [dmd.sample_t_cfg.max_t, 0.0]
-    return {
+    timestep scale, ODE or SDE steps (``"meanflow"``: jumps along the average velocity), and
+    its diffusers class. ``dmd`` is the run's method config: a DMD2 student's ladder is its
+    own, a consistency model's sCM's 2-step ladder, MeanFlow's two jumps through 0.5."""
+    from fastgen.consistency import MeanFlowConfig, SCMConfig, scm_t_list
+
+    if isinstance(dmd, SCMConfig):
+        t_list, kind = scm_t_list(2, sigma_data=dmd.sigma_data), "sde"
+    elif isinstance(dmd, MeanFlowConfig):
+        t_list, kind = [1.0, 0.5, 0.0], "meanflow"
+    else:
+        t_list = dmd.sample_t_cfg.t_list or [dmd.sample_t_cfg.max_t, 0.0]
+        kind = dmd.student_sample_type
+    settings = {
         "t_list": list(t_list),
         "pred_type": dmd.pred_type,
         "num_train_timesteps": dmd.num_train_timesteps,
-        "student_sample_type": dmd.student_sample_type,
+        "student_sample_type": kind,
         "class_name": class_name,
     }
+    if kind == "meanflow":
+        settings["r_keyword"] = dmd.r_keyword
+    return settings
+
+
+def load_exported(
+    folder: str | Path, settings: dict[str, Any], where: str = "--student"
+) -> nn.Module:
+    """The exported student in ``folder`` (a :class:`~fastgen.consistency.MeanFlowNet` when it
+    samples by MeanFlow's jumps), in eval mode."""
+    if settings.get("student_sample_type") == "meanflow":
+        from fastgen.consistency.networks import MeanFlowNet
+
+        base = load_model(folder, class_name=settings.get("class_name"), where=where)
+        net = MeanFlowNet(base)
+        from safetensors.torch import load_file
+
+        file = Path(folder) / "r_embedder.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"{where}: no {file} (a MeanFlow export holds it)")
+        net.r_embedder.load_state_dict(load_file(str(file)))
+        return net.eval()
+    return load_model(folder, class_name=settings.get("class_name"), where=where).eval()
+
+
+def sample_exported(
+    student: nn.Module,
+    noise: torch.Tensor,
+    t_list: list[float],
+    settings: dict[str, Any],
+    encoder_hidden_states: torch.Tensor | None,
+    model_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Sample an exported student on ``t_list`` as its ``fastgen.json`` says (no gradient)."""
+    from fastgen.sampling import sample
+
+    name = settings.get("class_name") or type(student).__name__
+    with torch.no_grad():
+        if settings["student_sample_type"] == "meanflow":
+            from fastgen.consistency import meanflow_sample
+
+            return meanflow_sample(student, noise, t_list, r_keyword=settings["r_keyword"],
+                                   num_train_timesteps=settings["num_train_timesteps"],
+                                   encoder_hidden_states=encoder_hidden_states,
+                                   call=call_for(name), **model_kwargs)  # fmt: skip
+        return sample(student, noise, t_list, mode=settings["student_sample_type"],
+                      pred_type=settings["pred_type"],
+                      num_train_timesteps=settings["num_train_timesteps"],
+                      encoder_hidden_states=encoder_hidden_states, call=call_for(name),
+                      **model_kwargs)  # fmt: skip
 
 
 def read_export(folder: str | Path) -> dict[str, Any]:
