@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -169,6 +170,7 @@ def test_consistency_update(benchmark, device, is_smoke, medians, impl, method, 
     benchmark.extra_info.update(
         impl=impl, method=method, model=model, batch=b, peak_mib=peak / 2**20,
         student_params=sum(p.numel() for p in params),
+        load_avg_1min=os.getloadavg()[0],  # the box is shared: what else ran shows here
     )  # fmt: skip
     base = BASELINE.get(impl)
     mine, theirs = medians.get((impl, *key)), medians.get((base, *key))
