@@ -155,6 +155,56 @@ def dmd_table(benches: list[dict]) -> str:
     return "\n".join(out)
 
 
+CONSISTENCY_NOTE = """\
+Forward: the JVP by forward-mode AD (`torch.func.jvp`), eager or inside the compiled graph
+(`fullgraph=True`, inductor); finite difference: two plain student calls in its place. Compiled /
+eager divides the compiled median by the eager one of the same JVP; × forward mode divides the
+finite difference's median by forward mode's in the same mode. The optimizer step is eager in
+every variant; the teacher has no guidance.
+
+These figures come from a 2-core CPU shared with other work (the 1-minute load average after
+each case is in the JSON; here at most {load:.2f}): they compare the four forms on small networks
+(the parameters trained are in the table, sCM's with its adaptive weighting; batch 8), where
+Python dispatch and per-op overhead weigh far more than on a GPU. They do not show GPU times,
+large models, bf16, or the compile time itself (spent in the warm-up, outside the timed region);
+the peak is what one update allocates beyond what was live before it, by the profiler's
+allocation events, not the CUDA allocator's peak."""
+
+
+def consistency_table(benches: list[dict]) -> str:
+    """The sCM and MeanFlow updates: one row per (update, network, JVP), eager beside compiled."""
+    picked = [b for b in benches if b["name"].startswith("test_consistency_update")]
+    if not picked:
+        return ""
+    rows = defaultdict(dict)
+    for b in picked:
+        e = b["extra_info"]
+        jvp, mode = e["impl"].split("-")
+        rows[(e["method"], e["model"], jvp)][mode] = (b["stats"]["median"], e)
+    names = {"scm": "sCM", "meanflow": "MeanFlow", "dit": "toy DiT", "sd3": "SD3"}
+    out = [
+        "| update, network (parameters trained) | JVP | eager | compiled | compiled / eager | "
+        "× forward mode (eager, compiled) | peak memory eager / compiled |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (method, model, jvp), modes in rows.items():
+        eager, comp = modes.get("eager"), modes.get("compiled")
+        times = [fmt_time(m[0]) if m else "–" for m in (eager, comp)]
+        ratio = comp[1].get("compiled_over_eager") if comp else None
+        over = [m[1].get("fd_over_forward") if m else None for m in (eager, comp)]
+        peaks = [fmt(m[1]["peak_mib"] if m else None, ".1f") for m in (eager, comp)]
+        params = (eager or comp)[1]["student_params"]
+        out.append(
+            f"| {names[method]}, {names[model]} ({params:,}) | "
+            f"{'forward' if jvp == 'forward' else 'finite difference'} | {times[0]} | "
+            f"{times[1]} | {fmt(ratio, '.2f')} | "
+            f"{'–' if jvp == 'forward' else ', '.join(fmt(r, '.2f') for r in over)} | "
+            f"{peaks[0]} / {peaks[1]} MiB |"
+        )
+    load = max(b["extra_info"].get("load_avg_1min", float("nan")) for b in picked)
+    return "\n".join(out) + "\n\n" + CONSISTENCY_NOTE.format(load=load)
+
+
 def checkpoint_table(benches: list[dict]) -> str:
     picked = [b for b in benches if b["name"].startswith("test_checkpoint")]
     if not picked:
@@ -242,6 +292,10 @@ def render(data: dict, title: str, level: int = 2) -> tuple[str, dict]:
             "DMD2 update (student + fake score), toy DiT: median, × modelopt eager, peak",
             dmd_table(benches),
         ),
+        (
+            "sCM and MeanFlow distillation updates (loss, backward, AdamW step): median, peak",
+            consistency_table(benches),
+        ),
         ("Checkpoints, ~100M parameters", checkpoint_table(benches)),
         ("Trainer overhead", trainer_table(benches)),
         (
@@ -273,6 +327,10 @@ What is timed (`bench/`, pytest-benchmark; compile and warm-up outside the timed
 - `test_dmd_step.py`: one student and one fake-score update of a toy DiT (4 layers, width 64,
   batch 8, latents 4×16×16, CFG 3), modelopt eager beside fastgen eager and compiled, with
   batched CFG, the float32 policy and stratified rungs.
+- `test_consistency_step.py`: one sCM (with its adaptive weighting) and one MeanFlow
+  distillation update (loss, backward, AdamW step) of the toy DiT above and of a small SD3
+  transformer (2 joint blocks, width 64, batch 8, latents 4×16×16), the JVP by forward-mode AD
+  (eager, and compiled inside the graph) and by finite differences (eager and compiled).
 - `test_checkpoint.py`: `save_checkpoint`/`load_checkpoint` of ~100M parameters against
   `torch.save` + `fsync` / `torch.load` of the same state.
 - `test_trainer.py`: the Trainer's cost over the bare compiled losses.
