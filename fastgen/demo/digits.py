@@ -54,10 +54,11 @@ SETTINGS = {"gen_lr": 5e-4, "fake_lr": 1e-3}
 # per --method: learning rate and the method's own knobs (consistency.ConsistencySettings),
 # chosen on 400-update runs from this teacher (docs/main-job.md). MeanFlow: a finite-difference
 # JVP over 0.05 in t (forward mode, through the teacher's high-frequency time features, left the
-# 1-step student where it started), r drawn towards 0 for the 1-step jump; sCM: lr 5e-4 diverged; rCM: sCM's settings, the DMD2 term weighted
+# 1-step student where it started), r drawn towards 0 for the 1-step jump, on every row (no
+# plain flow-matching rows); sCM: lr 5e-4 diverged; rCM: sCM's settings, the DMD2 term weighted
 # 10 (at 0.01 the sCM term dominates and the student degrades like sCM's).
 CONSISTENCY = {
-    "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 0.75, "r_logit_mean": -2.0,
+    "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 1.0, "r_logit_mean": -2.0,
                  "jvp": "finite_difference", "jvp_fd_step": 0.05},
     "scm": {"lr": 2e-4, "tangent_warmup_steps": 100},
     "rcm": {"lr": 2e-4, "tangent_warmup_steps": 100, "dmd_weight": 10.0, "fake_updates": 5},
