@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--method", choices=METHODS, default="dmd2",
-        help="digits: how the students are distilled (default: dmd2; meanflow, scm: a 1-step "
-        "and 2-step student through fastgen.consistency)",
+        help="digits: how the students are distilled (default: dmd2; meanflow, scm, rcm: a "
+        "1-step and 2-step student through fastgen.consistency)",
     )  # fmt: skip
     parser.add_argument("--out", default="./fastgen-demo-out", help="output folder")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """The digits job: a class-conditional RF teacher with CFG on scikit-learn's 8x8 digits, DMD2
-1-step and 4-step students (or, with ``--method``, a MeanFlow or sCM student sampled in 1 and 2
-steps), metrics in a classifier's feature space, and the exported 1-step student."""
+1-step and 4-step students (or, with ``--method``, a MeanFlow, sCM or rCM student sampled in 1
+and 2 steps), metrics in a classifier's feature space, and the exported 1-step student."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Budget:
     teacher_ode_steps: int
     classifier_epochs: int
     ema_decay: float  # of the evaluated (and exported) students
-    consistency_updates: int = 0  # of a --method meanflow / scm student
+    consistency_updates: int = 0  # of a --method meanflow / scm / rcm student
 
 
 DEFAULT = Budget(teacher_steps=4000, onestep_updates=400, multistep_updates=300, batch=128,
@@ -54,11 +54,14 @@ SETTINGS = {"gen_lr": 5e-4, "fake_lr": 1e-3}
 # per --method: learning rate and the method's own knobs (consistency.ConsistencySettings),
 # chosen on 400-update runs from this teacher (docs/main-job.md). MeanFlow: a finite-difference
 # JVP over 0.05 in t (forward mode, through the teacher's high-frequency time features, left the
-# 1-step student where it started), r drawn towards 0 for the 1-step jump; sCM: lr 5e-4 diverged.
+# 1-step student where it started), r drawn towards 0 for the 1-step jump, on every row (no
+# plain flow-matching rows); sCM: lr 5e-4 diverged; rCM: sCM's settings, the DMD2 term weighted
+# 10 (at 0.01 the sCM term dominates and the student degrades like sCM's).
 CONSISTENCY = {
-    "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 0.75, "r_logit_mean": -2.0,
+    "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 1.0, "r_logit_mean": -2.0,
                  "jvp": "finite_difference", "jvp_fd_step": 0.05},
     "scm": {"lr": 2e-4, "tangent_warmup_steps": 100},
+    "rcm": {"lr": 2e-4, "tangent_warmup_steps": 100, "dmd_weight": 10.0, "fake_updates": 5},
 }  # fmt: skip
 
 
