@@ -63,6 +63,20 @@ def test_a_run_switches_method_by_recipe_and_overrides_its_section():
         RunConfig(out="x", steps=1, recipe="meanflow_sd3", meanflow={"r_sample_ratio": 2}).method_config()
 
 
+def test_a_nested_override_merges_into_the_recipes_section():
+    recipe = load_method_config("rcm_wan21")
+    run = RunConfig(out="x", steps=1, recipe="rcm_wan21",
+                    rcm={"dmd": {"student_update_freq": 2}, "ema": {"decay": 0.5}})  # fmt: skip
+    got = run.method_config()
+    assert got.dmd.student_update_freq == 2 and got.ema.decay == 0.5
+    # the recipe's other fields of those sections stay
+    assert got.dmd.model_copy(update={"student_update_freq": 5}) == recipe.dmd
+    assert got.dmd.guidance_scale == 3.0 and got.dmd.fake_score_pred_type == "x0"
+    assert got.model_copy(update={"dmd": recipe.dmd, "ema": recipe.ema}) == recipe
+    plain = RunConfig(out="x", steps=1, recipe="rcm_wan21", rcm={"ema": None}).method_config()
+    assert plain.ema is None  # a null still replaces the section
+
+
 def test_a_recipe_file_naming_an_unknown_method_is_an_error(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("method: consistency\n")

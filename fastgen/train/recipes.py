@@ -103,7 +103,8 @@ def load_method_config(
 
     Args:
         recipe: A built-in recipe name or a YAML/JSON path, or None (the method's defaults).
-        overrides: Fields that replace the recipe's.
+        overrides: Fields that replace the recipe's; a mapping given for a mapping field (a
+            section such as ``ema`` or rCM's ``dmd``) merges into the recipe's, key by key.
         method: The method expected; with ``recipe=None`` the method to build (default
             ``dmd2``).
 
@@ -120,5 +121,15 @@ def load_method_config(
         found, fields = _fields(recipe)
         if method is not None and method != found:
             raise ValueError(f"recipe {str(recipe)!r} is a {found} recipe, not {method}")
-    fields.update(overrides or {})
-    return METHODS[found].model_validate(fields)
+    return METHODS[found].model_validate(_merge(fields, overrides or {}))
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    # key by key, so that rcm: {dmd: {student_update_freq: 2}} keeps the recipe's other dmd fields
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
