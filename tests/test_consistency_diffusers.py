@@ -79,3 +79,32 @@ def test_scm_loss_compiles_into_one_graph(family):
     torch.manual_seed(3)
     eager = fn(x0, noise, ehs)["total"]
     torch.testing.assert_close(out["total"], eager, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_meanflow_loss_of_a_meanflow_net_is_one_graph(family):
+    from torch._dynamo.testing import CompileCounter
+
+    from fastgen.consistency import MeanFlowConfig, MeanFlowPipeline
+    from fastgen.consistency.networks import MeanFlowNet
+
+    scm, x0, ehs, kwargs = setup(family)
+    cfg = MeanFlowConfig(mode="training", r_sample_ratio=1.0,
+                         num_train_timesteps=scm.config.num_train_timesteps)  # fmt: skip
+    pipe = MeanFlowPipeline(MeanFlowNet(scm.student), cfg, call=scm.call)
+    torch.manual_seed(2)
+    noise = torch.randn_like(x0)
+
+    def fn(x0, noise, ehs):
+        return pipe.compute_loss(x0, noise, ehs, **kwargs)["total"]
+
+    counter = CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    torch.manual_seed(3)
+    got = compiled(x0, noise, ehs)
+    assert counter.frame_count == 1
+    got.backward()
+    r_grads = [p.grad for p in pipe.student.r_embedder.parameters() if p.grad is not None]
+    assert r_grads and any(g.abs().sum() > 0 for g in r_grads)  # the loss reaches r's embedding
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, fn(x0, noise, ehs), rtol=1e-5, atol=1e-7)

@@ -55,12 +55,14 @@ def test_a_run_switches_method_by_recipe_and_overrides_its_section():
     assert RunConfig(out="x", steps=1, scm={"mode": "training"}).method == "scm"
     assert RunConfig(out="x", steps=1).method == "dmd2"
     wrong = RunConfig(out="x", steps=1, recipe="scm_sd3", dmd={"guidance_scale": 2.0})
-    with pytest.raises(ValueError, match="dmd: overrides of another method.*set scm: instead"):
+    with pytest.raises(ValueError, match=r"dmd: overrides of another method.*set scm: instead"):
         wrong.method_config()
     with pytest.raises(ValueError, match="trains scm, not DMD2"):
         RunConfig(out="x", steps=1, recipe="scm_sd3").dmd_config()
     with pytest.raises(pydantic.ValidationError, match="r_sample_ratio"):
-        RunConfig(out="x", steps=1, recipe="meanflow_sd3", meanflow={"r_sample_ratio": 2}).method_config()
+        RunConfig(
+            out="x", steps=1, recipe="meanflow_sd3", meanflow={"r_sample_ratio": 2}
+        ).method_config()
 
 
 def test_a_nested_override_merges_into_the_recipes_section():
@@ -145,7 +147,9 @@ def test_a_consistency_run_resumes_bitwise_and_saves_its_networks(tmp_path, meth
 
 @pytest.mark.parametrize("method", METHODS)
 def test_validation_samples_are_the_methods_1_and_2_step_samples(tmp_path, method):
-    trainer = toy_trainer(method, tmp_path, 1, validation={"every": 1, "samples": 2, "teacher_steps": 2})
+    trainer = toy_trainer(
+        method, tmp_path, 1, validation={"every": 1, "samples": 2, "teacher_steps": 2}
+    )
     trainer.fit()
     grids = torch.load(tmp_path / "samples" / "step_00000001.pt")
     assert sorted(grids) == ["1_step", "2_step", "teacher"]
