@@ -31,6 +31,24 @@ def test_trainer_on_two_ranks_resumes_bitwise(tmp_path, parallel):
     assert (tmp_path / "resumed" / "checkpoints" / "step_00000006" / "manifest.json").is_file()
 
 
+@pytest.mark.parametrize(("method", "parallel"), [("rcm", "fsdp2"), ("meanflow", "ddp")])
+def test_a_consistency_run_on_two_ranks_resumes_bitwise(tmp_path, method, parallel):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(WORKER), "--parallel", parallel, "--method", method, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=400, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert result["world"] == 2 and result["resumed_from"] == 2 and result["method"] == method
+    want = {"rcm": ["fake_score", "student", "weight_net"], "meanflow": ["student"]}[method]
+    assert result["networks"] == want and result["tensors"] > 30
+    # FSDP2 shards the student and the fake score; the adaptive weight (tiny) stays replicated
+    assert result["sharded"] == (["fake_score", "student"] if parallel == "fsdp2" else [])
+    assert result["differences"] == [[], []]
+
+
 RESHARD = Path(__file__).resolve().parent / "train_reshard_worker.py"
 
 
