@@ -99,6 +99,8 @@ def sample(
             return x0
         if mode == "ode":
             eps = x0_to_eps(x0, x, t)
+        elif generator is None:  # randn_like: the same draws, and it exports with a symbolic batch
+            eps = torch.randn_like(x)
         else:
             eps = torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator)
         x = add_noise(x0, eps, torch.full((n,), t_next, device=device))
