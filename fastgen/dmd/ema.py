@@ -185,6 +185,37 @@ class ExponentialMovingAverage:
             if key in self._buffers:
                 b.copy_(self._buffers[key])
 
+    @torch.no_grad()
+    def swap(self, target: nn.Module) -> bool:
+        """Exchange the shadows with ``target``'s weights in place, one tensor at a time, so the
+        network samples with the EMA weights without a second copy of it; a second call swaps
+        back, bitwise.
+
+        Returns:
+            ``False`` (and nothing is touched) unless every shadow has its weight's (local)
+            shape and dtype: a ``full_tensor`` shadow of a sharded parameter, or a float32
+            shadow of a bf16 weight, cannot be swapped exactly (use :meth:`copy_to` on a
+            backup instead).
+        """
+        pairs = []
+        for name, p in _unwrap(target).named_parameters():
+            shadow = self._shadow.get(_clean(name))
+            local = p.to_local() if _is_dtensor(p) else p
+            if shadow is None or shadow.shape != local.shape or shadow.dtype != local.dtype:
+                return False
+            pairs.append((shadow, local))
+        for name, b in _unwrap(target).named_buffers():
+            shadow = self._buffers.get(_clean(name))
+            if shadow is not None:
+                if shadow.shape != b.shape or shadow.dtype != b.dtype:
+                    return False
+                pairs.append((shadow, b))
+        for shadow, live in pairs:
+            held = live.clone()
+            live.copy_(shadow)
+            shadow.copy_(held)
+        return True
+
     @property
     def initialized(self) -> bool:
         """Whether the shadows hold averaged weights (set by the first update or a load)."""

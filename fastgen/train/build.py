@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +64,17 @@ def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
         from fastgen.consistency.config import MeanFlowConfig, RCMConfig, SCMConfig
         from fastgen.train.folders import default_discriminator, load_teacher
 
+        if _shards_from_folder(run, dmd):
+            trainable = ["student"]
+            if isinstance(dmd, RCMConfig) or not isinstance(dmd, SCMConfig | MeanFlowConfig):
+                trainable.append("fake_score")
+            nets = _sharded_networks(run, trainable)
+            if isinstance(dmd, DMDConfig) and dmd.gan_loss_weight_gen > 0:
+                try:
+                    nets["discriminator"] = default_discriminator(nets["teacher"])
+                except ValueError as err:
+                    raise RunError(f"teacher: {err}") from None
+            return nets
         try:
             teacher = load_teacher(run.teacher)
         except (OSError, ValueError) as err:
@@ -93,6 +106,49 @@ def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
     unknown = sorted(set(nets) - {"teacher", "student", "fake_score", "discriminator"})
     if unknown:
         raise RunError(f"model: unexpected networks {unknown}")
+    return nets
+
+
+def _shards_from_folder(run: RunConfig, dmd: Any) -> bool:
+    """Whether the run's networks are built on the meta device and filled shard by shard:
+    FSDP2 with a teacher folder (LoRA and MeanFlow's student are still built whole, then
+    sharded)."""
+    from fastgen.consistency.config import MeanFlowConfig
+
+    return (run.parallel == "fsdp2" and run.teacher is not None and run.lora is None
+            and not isinstance(dmd, MeanFlowConfig))  # fmt: skip
+
+
+def _sharded_networks(run: RunConfig, trainable: list[str]) -> dict[str, nn.Module]:
+    """The teacher (its dtype) and float32 ``trainable`` copies of it, each built on the meta
+    device, sharded per block and filled from the folder's safetensors, this rank's rows only."""
+    import torch.distributed as dist
+
+    from fastgen.train.folders import _DTYPES, _model_class
+    from fastgen.train.sharding import empty_network, load_shards, mixed_precision, shard_network
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise RunError("parallel: fsdp2 runs under torchrun (torchrun --nproc_per_node=N ...)")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+              if torch.cuda.is_available() else torch.device("cpu"))  # fmt: skip
+    folder = Path(run.teacher.path) / (run.teacher.subfolder or "")
+    try:
+        cls = _model_class(run.teacher.class_name, folder, "teacher")
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunError(_one_line(err)) from None
+    mp = mixed_precision(run.precision)
+    try:
+        teacher = empty_network(cls, config, _DTYPES[run.teacher.dtype]).requires_grad_(False)
+        nets = {"teacher": load_shards(shard_network(teacher.eval(), mp), folder, device)}
+        via = {name: p.dtype for name, p in teacher.named_parameters()}
+        for name in trainable:
+            net = shard_network(empty_network(cls, config).eval(), mp)
+            nets[name] = load_shards(net, folder, device, via=via)
+    except (OSError, KeyError) as err:
+        raise RunError(f"teacher: {_one_line(err)}") from None
     return nets
 
 

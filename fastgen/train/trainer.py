@@ -14,7 +14,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,12 @@ from fastgen.train.lora import add_lora
 from fastgen.train.monitor import Monitor, encode_prompts, load_decoder, pipeline_folder
 from fastgen.train.preemption import Preempted, PreemptionNotice
 from fastgen.train.recipes import method_of
+from fastgen.train.sharding import (
+    gathered_state_dict,
+    is_sharded,
+    mixed_precision,
+    shard_network,
+)
 
 __all__ = ["CollapseError", "NonFiniteLossError", "Trainer"]
 
@@ -50,14 +56,12 @@ class CollapseError(RuntimeError):
     the last checkpoint from before the low streak."""
 
 
-def _blocks(net: nn.Module) -> list[nn.Module]:
-    """The elements of the outermost ``ModuleList``s (transformer blocks): FSDP2's units."""
-    found, lists = [], []
-    for name, module in net.named_modules():
-        if isinstance(module, nn.ModuleList) and not any(name.startswith(p + ".") for p in lists):
-            lists.append(name)
-            found.extend(module)
-    return found
+def _rebuildable(net: nn.Module) -> bool:
+    """A diffusers network without adapters: its class rebuilds it from ``net.config``."""
+    from fastgen.train.lora import has_lora
+
+    return (type(net).__module__.split(".")[0] == "diffusers"
+            and hasattr(net, "config") and not has_lora(net))  # fmt: skip
 
 
 def _trainable(net: nn.Module) -> list[nn.Parameter]:
@@ -153,8 +157,12 @@ class Trainer:
             student.requires_grad_(True)
         student.train()
         self._plain_student = student
-        # A plain copy for validation samples of the EMA (made before any wrapping).
-        self._ema_net = copy.deepcopy(student).requires_grad_(False).eval().to(device)
+        # ema_student()'s plain copy: made when asked, from the student itself, or under FSDP2
+        # rebuilt from the class's config; a student FSDP2 will shard that cannot be rebuilt
+        # (no diffusers config, adapters) is copied now, before the wrapping.
+        self._ema_net: nn.Module | None = None
+        if run.parallel == "fsdp2" and not is_sharded(student) and not _rebuildable(student):
+            self._ema_net = copy.deepcopy(student).requires_grad_(False).eval()
         weight_net = None
         if self.method in ("scm", "rcm"):
             from fastgen.consistency.scm import AdaptiveWeight
@@ -171,14 +179,10 @@ class Trainer:
         if weight_net is not None:
             self._params["weight_net"] = list(weight_net.parameters())
         if run.parallel == "fsdp2":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if run.precision == "bf16" else MixedPrecisionPolicy())  # fmt: skip
+            mp = mixed_precision(run.precision)
             for net in nets:
-                for block in _blocks(net):
-                    fully_shard(block, mp_policy=mp)
-                fully_shard(net, mp_policy=mp)
+                if not is_sharded(net):  # fastgen.train.build shards a folder's networks itself
+                    shard_network(net, mp)
             # the sharded parameters are new objects
             self._params["student"] = _trainable(student)
             if fake_score is not None:
@@ -426,15 +430,15 @@ class Trainer:
         viewer = self._viewer
         if viewer is None or self.pipeline.ema is None:
             return
-        self.pipeline.ema.copy_to(self._ema_net)
         rows = {}
         if self.run.validation.teacher_steps is not None:
             teacher = viewer.teacher_samples(self.pipeline.teacher)
             rows["teacher"] = (
                 teacher["pictures"] if teacher["pictures"] is not None else teacher["x"]
             )
-        for steps, s in viewer.student_samples(self._ema_net).items():
-            rows[f"{steps}_step"] = s["pictures"] if s["pictures"] is not None else s["x"]
+        with self._ema_weights() as student:
+            for steps, s in viewer.student_samples(student).items():
+                rows[f"{steps}_step"] = s["pictures"] if s["pictures"] is not None else s["x"]
         if not self.main:
             return
         grids, pictures = {}, viewer.decoder is not None
@@ -466,8 +470,8 @@ class Trainer:
         if monitor is None or self.pipeline.ema is None:
             self._stop_if(False, "")
             return
-        self.pipeline.ema.copy_to(self._ema_net)
-        report = monitor.evaluate(done, self._ema_net, self.pipeline.teacher)
+        with self._ema_weights() as student:
+            report = monitor.evaluate(done, student, self.pipeline.teacher)
         alarm = report["alarm"]
         if self.main:
             scalars = {f"eval/{k}": v for k, v in report["figures"].items()}
@@ -777,11 +781,57 @@ class Trainer:
             self.end()
         return {"step": self.run.steps, "resumed_from": start, "scalars": self._scalars}
 
-    def ema_student(self) -> nn.Module:
+    @contextmanager
+    def _ema_weights(self):
+        """The student itself holding the EMA weights (in eval mode), its own restored after:
+        swapped in place where shadow and weight agree in shape and dtype, else copied in over
+        a backup of this rank's (local) weights. No second copy of the network."""
+        student, ema = self._plain_student, self.pipeline.ema
+        training = student.training
+        backup = None
+        if ema is not None and not ema.swap(student):
+            with torch.no_grad():
+                backup = [t.to_local().clone() if hasattr(t, "to_local") else t.detach().clone()
+                          for t in (*student.parameters(), *student.buffers())]  # fmt: skip
+            ema.copy_to(student)
+        student.eval()
+        try:
+            yield student
+        finally:
+            student.train(training)
+            with torch.no_grad():
+                if backup is not None:
+                    for t, held in zip((*student.parameters(), *student.buffers()), backup):
+                        (t.to_local() if hasattr(t, "to_local") else t).copy_(held)
+                elif ema is not None:
+                    ema.swap(student)
+
+    def ema_student(self, *, rank0_only: bool = False) -> nn.Module | None:
         """A plain copy of the student holding the EMA weights (the student's own weights when
-        the config has no EMA)."""
-        if self.pipeline.ema is not None:
-            self.pipeline.ema.copy_to(self._ema_net)
-        else:
-            self._ema_net.load_state_dict(self._plain_student.state_dict())
-        return self._ema_net
+        the config has no EMA).
+
+        Under FSDP2 every rank must call it: the weights are all-gathered one tensor at a time
+        into a plain network rebuilt from the student's class and config; with ``rank0_only``
+        only rank 0 builds it and the others get ``None``.
+        """
+        student = self._plain_student
+        if not is_sharded(student):
+            if self._ema_net is None:
+                self._ema_net = copy.deepcopy(student).requires_grad_(False).eval()
+            if self.pipeline.ema is not None:
+                self.pipeline.ema.copy_to(self._ema_net)
+            else:
+                self._ema_net.load_state_dict(student.state_dict())
+            return self._ema_net
+        with self._ema_weights():
+            state = dict(gathered_state_dict(student, rank0_only=rank0_only))
+        if rank0_only and not self.main:
+            return None
+        if self._ema_net is not None:  # the copy made before sharding
+            self._ema_net.load_state_dict(state)
+            return self._ema_net
+        from fastgen.train.sharding import empty_network
+
+        net = empty_network(type(student), dict(student.config))
+        net.load_state_dict(state, assign=True)
+        return net.requires_grad_(False).eval()

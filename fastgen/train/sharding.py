@@ -1,0 +1,225 @@
+"""FSDP2 networks without a full copy on any rank: built on the meta device, sharded per block,
+filled shard by shard from the model folder's safetensors, gathered a tensor at a time.
+
+Under ``parallel: fsdp2`` a teacher folder becomes the teacher, the student and the fake score
+like this:
+
+1. :func:`empty_network`: the diffusers class built from ``config.json`` with its parameters on
+   the meta device (no memory) and its buffers real (positional tables computed as usual);
+2. :func:`shard_network`: ``fully_shard`` per transformer block, then the whole network;
+3. :func:`load_shards`: each parameter's local rows read from the safetensors file by slice
+   (``safe_open(...).get_slice``), so a rank reads only its own rows and never holds more than
+   its shards: the student and fake score are float32 copies of the teacher's rows (rounded to
+   the teacher's dtype first, as ``teacher.to(float32)`` would be).
+
+:func:`gathered_state_dict` goes the other way for the export: one parameter at a time is
+all-gathered and kept (on CPU) by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "blocks",
+    "empty_network",
+    "gathered_state_dict",
+    "is_sharded",
+    "load_shards",
+    "mixed_precision",
+    "safetensors_files",
+    "shard_network",
+]
+
+
+def blocks(net: nn.Module) -> list[nn.Module]:
+    """The elements of the outermost ``ModuleList``s (transformer blocks): FSDP2's units."""
+    found, lists = [], []
+    for name, module in net.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(p + ".") for p in lists):
+            lists.append(name)
+            found.extend(module)
+    return found
+
+
+def is_sharded(net: nn.Module) -> bool:
+    """Whether ``fully_shard`` has been applied to ``net``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(net, FSDPModule)
+
+
+def mixed_precision(precision: str):
+    """FSDP2's ``MixedPrecisionPolicy`` for the run's ``precision``: ``bf16`` gathers bfloat16
+    parameters and reduces gradients in float32; ``fp32`` changes nothing."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_network(net: nn.Module, mp_policy=None) -> nn.Module:
+    """``fully_shard`` each block of ``net`` (see :func:`blocks`), then ``net`` itself (in place).
+
+    Args:
+        net: A plain network, on the meta device or materialized.
+        mp_policy: FSDP2's ``MixedPrecisionPolicy`` (default: none).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy() if mp_policy is None else mp_policy
+    for block in blocks(net):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
+    return net
+
+
+def _keep_fp32(cls: type, name: str) -> bool:
+    keep = getattr(cls, "_keep_in_fp32_modules", None) or []
+    return any(k in name.split(".") for k in keep)
+
+
+def empty_network(cls: type, config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A diffusers network built from its config with every parameter on the meta device.
+
+    Buffers are built for real (they are small, and non-persistent ones such as rotary tables
+    are not in the safetensors file). Parameters get ``dtype``, except those of the class's
+    ``_keep_in_fp32_modules``, which stay float32 as ``from_pretrained(torch_dtype=...)``
+    keeps them.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        net = cls.from_config(config)
+    finally:
+        nn.Module.register_parameter = register
+    if dtype != torch.float32:
+        for name, p in net.named_parameters():
+            if not _keep_fp32(cls, name):
+                p.data = p.data.to(dtype)
+    return net
+
+
+def safetensors_files(folder: str | Path) -> dict[str, Path]:
+    """Which ``*.safetensors`` file of a diffusers model folder holds each tensor (one file, or
+    the shards an ``*.safetensors.index.json`` names)."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors file")
+    from safetensors import safe_open
+
+    where = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            where.update({name: file for name in f.keys()})
+    return where
+
+
+def _local_rows(p: Tensor) -> tuple[int, int]:
+    """The first row and the number of rows of ``p``'s global tensor this rank holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return (offset[0], shape[0]) if len(shape) else (0, 0)
+
+
+@torch.no_grad()
+def load_shards(
+    net: nn.Module,
+    folder: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    via: dict[str, torch.dtype] | None = None,
+) -> nn.Module:
+    """Materialize a sharded (or plain) network built by :func:`empty_network` on ``device`` and
+    fill every parameter and persistent buffer from ``folder``'s safetensors: each rank reads
+    only the rows of its shard.
+
+    Args:
+        net: The network, parameters on the meta device, sharded by :func:`shard_network`.
+        folder: The model folder (``config.json`` + safetensors).
+        device: Where the shards live.
+        via: A dtype per parameter name to round the rows to before the parameter's own dtype
+            (the student's float32 copy of a bfloat16 teacher equals ``teacher.to(float32)``).
+
+    Raises:
+        KeyError: A parameter the file does not hold, or a tensor of another shape (the message
+            names the file and the tensor).
+    """
+    from safetensors import safe_open
+
+    where = safetensors_files(folder)
+    buffers = {n: b.detach().clone() for n, b in net.named_buffers()}
+    net.to_empty(device=device)
+    for name, b in net.named_buffers():  # to_empty left them uninitialised
+        b.copy_(buffers[name])
+    handles = {}
+    try:
+        for name, p in net.named_parameters():
+            if name not in where:
+                raise KeyError(f"{folder}: no tensor {name!r} in the safetensors files")
+            file = where[name]
+            if file not in handles:
+                handles[file] = safe_open(str(file), framework="pt")
+            view = handles[file].get_slice(name)
+            if tuple(view.get_shape()) != tuple(p.shape):
+                raise KeyError(
+                    f"{file}: {name!r} has shape {tuple(view.get_shape())}, the network "
+                    f"{tuple(p.shape)}"
+                )
+            if hasattr(p, "to_local"):
+                start, rows = _local_rows(p)
+                local = p.to_local()
+                if rows == 0:
+                    continue
+                values = view[start : start + rows]
+            else:
+                local, values = p, view[:]
+            if via is not None and name in via:
+                values = values.to(via[name])
+            local.copy_(values.to(local.dtype))
+        persistent = set(net.state_dict()) - {n for n, _ in net.named_parameters()}
+        for name in persistent:
+            if name in where:
+                file = where[name]
+                if file not in handles:
+                    handles[file] = safe_open(str(file), framework="pt")
+                net.get_buffer(name).copy_(handles[file].get_tensor(name))
+    finally:
+        handles.clear()
+    return net
+
+
+def gathered_state_dict(net: nn.Module, *, rank0_only: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """``(name, full tensor on CPU)`` for every entry of a sharded ``net``'s state dict, one
+    all-gather at a time: every rank must iterate it; with ``rank0_only`` the other ranks get
+    ``(name, None)`` and keep nothing."""
+    import torch.distributed as dist
+
+    keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
+    for name, p in net.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        yield name, full.detach().cpu().clone() if keep else None
+        del full
+    persistent = set(net.state_dict())
+    for name, b in net.named_buffers():
+        if name in persistent:
+            yield name, b.detach().cpu().clone() if keep else None

@@ -1,0 +1,134 @@
+"""fastgen.train.sharding: networks built on the meta device, sharded per block and filled from
+the model folder's safetensors a rank's rows at a time (tests/train_sharding_worker.py on 2 gloo
+ranks), and the pieces one process can check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from families import WAN, build, run_yaml
+
+from fastgen.train.sharding import blocks, empty_network, load_shards, safetensors_files
+
+WORKER = Path(__file__).resolve().parent / "train_sharding_worker.py"
+
+
+def _torchrun(*args: str, n: int = 2) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+         *args],
+        capture_output=True, text=True, timeout=500, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_an_empty_network_holds_no_weights_and_loads_to_from_pretrained(tmp_path, family):
+    import diffusers
+
+    net = build(family)
+    net.save_pretrained(str(tmp_path))
+    cls = type(net)
+    config = json.loads((tmp_path / "config.json").read_text())
+    empty = empty_network(cls, config)
+    assert all(p.is_meta for p in empty.parameters())
+    assert not any(b.is_meta for b in empty.buffers())  # rotary tables (Wan) are built for real
+    loaded = load_shards(empty, tmp_path)
+    want = cls.from_pretrained(str(tmp_path))
+    assert sorted(loaded.state_dict()) == sorted(want.state_dict())
+    for k, v in want.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    for (k, b), (_, c) in zip(loaded.named_buffers(), want.named_buffers()):
+        assert torch.equal(b, c), k
+    assert isinstance(loaded, getattr(diffusers, type(want).__name__))
+
+
+def test_a_bfloat16_empty_network_keeps_the_classes_float32_modules():
+    import diffusers
+
+    cls = diffusers.WanTransformer3DModel
+    net = empty_network(cls, WAN, torch.bfloat16)
+    keep = cls._keep_in_fp32_modules
+    for name, p in net.named_parameters():
+        kept = any(k in name.split(".") for k in keep)
+        assert p.dtype == (torch.float32 if kept else torch.bfloat16), name
+    assert any(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_a_missing_or_misshapen_tensor_names_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    net = build("sd3")
+    net.save_pretrained(str(tmp_path))
+    (file,) = set(safetensors_files(tmp_path).values())
+    state = load_file(str(file))
+    config = json.loads((tmp_path / "config.json").read_text())
+    cls = type(net)
+    name = "proj_out.weight"
+    save_file({k: v for k, v in state.items() if k != name}, str(file))
+    with pytest.raises(KeyError, match=rf"no tensor '{name}'"):
+        load_shards(empty_network(cls, config), tmp_path)
+    save_file(state | {name: state[name][:1]}, str(file))
+    with pytest.raises(KeyError, match=rf"{file.name}: '{name}' has shape"):
+        load_shards(empty_network(cls, config), tmp_path)
+
+
+def test_blocks_are_the_outermost_lists():
+    net = build("sd3")
+    assert blocks(net) == list(net.transformer_blocks)
+
+
+def test_networks_built_on_meta_are_the_folders_rows_and_train_like_whole_ones(tmp_path):
+    config = run_yaml(tmp_path, "sd3", parallel="fsdp2")
+    fields = yaml.safe_load(Path(config).read_text())
+    fields["dmd"]["ema"]["mode"] = "local_shard"  # the EMA's shadows are shards too
+    Path(config).write_text(yaml.safe_dump(fields))
+    proc = _torchrun(str(WORKER), config, str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("{"))
+    ranks = json.loads(line)["ranks"]
+    print(ranks)
+    for rank, r in enumerate(ranks):
+        assert r["world"] == 2
+        for dtype, s in r["shards"].items():
+            assert s["sharded"] == ["fake_score", "student", "teacher"], dtype
+            assert s["meta_left"] == 0
+            assert s["teacher"] == s["student"] == s["fake_score"] == [], (rank, dtype)
+            assert 0 < s["local_rows"] < s["rows"]  # a rank holds a part, not the whole
+        assert r["shards"]["bfloat16"]["teacher_dtypes"] == ["torch.bfloat16"]
+        assert r["whole_is_sharded_by_the_trainer"] is True
+        assert r["meta_vs_whole"] == [], rank
+        assert r["resumed_from"] == 2
+        assert r["resumed_vs_straight"] == [], rank
+        assert r["tensors"] > 100
+    assert ranks[0]["ema_student_plain"] is True and ranks[0]["ema_student_vs_ema"] == []
+    assert ranks[0]["ema_student_keys"] > 50
+    assert ranks[1]["other_rank_gets"] == "None"
+    # the two halves of the teacher are the whole teacher
+    assert sum(r["shards"]["float32"]["local_rows"] for r in ranks) == ranks[0]["shards"][
+        "float32"
+    ]["rows"]
+
+
+def test_fastgen_distill_on_fsdp2_exports_from_the_shards(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    config = run_yaml(tmp_path, "sd3", parallel="fsdp2", steps=1)
+    fields = yaml.safe_load(Path(config).read_text())
+    fields["dmd"]["ema"] = None  # the student's own weights are exported
+    Path(config).write_text(yaml.safe_dump(fields))
+    proc = _torchrun("-m", "fastgen.cli", "distill", config)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("exported the student to") == 1
+    exported = SD3Transformer2DModel.from_pretrained(str(tmp_path / "run" / "export" / "transformer"))
+    teacher = SD3Transformer2DModel.from_pretrained(str(tmp_path / "teacher" / "transformer"))
+    moved = [k for k, v in exported.state_dict().items()
+             if not torch.equal(v, teacher.state_dict()[k])]  # fmt: skip
+    assert moved  # one step of training moved the student's weights

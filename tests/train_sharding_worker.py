@@ -1,0 +1,119 @@
+"""FSDP2 networks built on the meta device and filled shard by shard, on 2 gloo ranks:
+``torchrun --nproc_per_node=2 tests/train_sharding_worker.py RUN_YAML OUT``. Run by
+tests/test_train_sharding.py; rank 0 prints one JSON line.
+
+RUN_YAML is a tiny SD3 folder's run (tests/families.py, ``parallel: fsdp2``, the GAN branch on).
+The worker checks, on every rank:
+
+- each network's local shards equal the rows of the folder's full tensors (the student and fake
+  score float32, the teacher in its dtype; a bfloat16 teacher's student equals
+  ``teacher.to(float32)``);
+- the run built this way trains to the same weights, EMA and optimizer states, bitwise, as the
+  run built from whole networks that the trainer shards;
+- stopped at step 2 and resumed to 4, it equals the straight run to 4;
+- ``ema_student(rank0_only=True)`` gives rank 0 a plain network holding the EMA weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.tensor import distribute_tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runs import differences, full
+from test_train import state_of
+from workers import finish
+
+from fastgen.train import RunConfig, build
+from fastgen.train.build import build_networks
+from fastgen.train.sharding import is_sharded
+
+
+def _rows_equal(net, full: dict[str, torch.Tensor], dtype_of) -> list[str]:
+    bad = []
+    for name, p in net.named_parameters():
+        want = full[name].to(dtype_of(name)).to(p.dtype)
+        rows = distribute_tensor(want, p.device_mesh, p.placements, src_data_rank=None)
+        if not torch.equal(p.to_local(), rows.to_local()):
+            bad.append(name)
+    return bad
+
+
+def shards(run: RunConfig) -> dict:
+    from diffusers import SD3Transformer2DModel
+
+    folder = Path(run.teacher.path) / run.teacher.subfolder
+    full = dict(SD3Transformer2DModel.from_pretrained(str(folder)).state_dict())
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        r = run.model_copy(update={"teacher": run.teacher.model_copy(update={"dtype": dtype})})
+        nets = build_networks(r, r.method_config())
+        teacher = nets["teacher"]
+        kept = {n: p.dtype for n, p in teacher.named_parameters()}
+        out[dtype] = {
+            "sharded": sorted(n for n, net in nets.items() if is_sharded(net)),
+            "meta_left": sum(p.is_meta for net in nets.values() for p in net.parameters()),
+            "teacher_dtypes": sorted({str(d) for d in kept.values()}),
+            **{name: _rows_equal(nets[name], full, kept.__getitem__)
+               for name in ("teacher", "student", "fake_score")},  # fmt: skip
+            "local_rows": sum(p.to_local().numel() for p in teacher.parameters()),
+            "rows": sum(p.numel() for p in teacher.parameters()),
+        }
+    return out
+
+
+def main() -> None:
+    config, out = Path(sys.argv[1]), Path(sys.argv[2])
+    fields = yaml.safe_load(config.read_text())
+
+    def run(name: str, steps: int, **extra) -> RunConfig:
+        return RunConfig.model_validate(fields | {"out": str(out / name), "steps": steps} | extra)
+
+    result = {"world": None, "shards": shards(run("shards", 2))}
+    dist.barrier()
+    result["world"] = dist.get_world_size()
+
+    on_meta = build(run("meta", 2))
+    on_meta.fit()
+    build_module = sys.modules["fastgen.train.build"]
+    whole_path = build_module._shards_from_folder
+    build_module._shards_from_folder = lambda run, dmd: False  # the trainer shards whole nets
+    try:
+        whole = build(run("whole", 2))
+        result["whole_is_sharded_by_the_trainer"] = is_sharded(whole.pipeline.teacher)
+        whole.fit()
+    finally:
+        build_module._shards_from_folder = whole_path
+    result["meta_vs_whole"] = differences(state_of(whole), state_of(on_meta))
+
+    straight = build(run("straight", 4))
+    straight.fit()
+    resumed = build(run("meta", 4))
+    summary = resumed.fit()
+    result["resumed_from"] = summary["resumed_from"]
+    want = state_of(straight)
+    result["resumed_vs_straight"] = differences(want, state_of(resumed))
+    result["tensors"] = len(want)
+
+    ema = {k: full(v) for k, v in straight.pipeline.ema.sharded_state_dict().items()}
+    plain = straight.ema_student(rank0_only=True)
+    if dist.get_rank() == 0:
+        result["ema_student_plain"] = not any(hasattr(p, "to_local") for p in plain.parameters())
+        result["ema_student_vs_ema"] = [
+            k for k, v in plain.state_dict().items() if k in ema and not torch.equal(v, ema[k])
+        ]
+        result["ema_student_keys"] = len(set(plain.state_dict()) & set(ema))
+    else:
+        result["other_rank_gets"] = repr(plain)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    finish({"ranks": gathered})
+
+
+if __name__ == "__main__":
+    main()
