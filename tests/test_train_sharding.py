@@ -15,7 +15,13 @@ import torch
 import yaml
 from families import WAN, build, run_yaml
 
-from fastgen.train.sharding import blocks, empty_network, load_shards, safetensors_files
+from fastgen.train.sharding import (
+    blocks,
+    checkpoint_blocks,
+    empty_network,
+    load_shards,
+    safetensors_files,
+)
 
 WORKER = Path(__file__).resolve().parent / "train_sharding_worker.py"
 
@@ -104,6 +110,7 @@ def test_networks_built_on_meta_are_the_folders_rows_and_train_like_whole_ones(t
             assert 0 < s["local_rows"] < s["rows"]  # a rank holds a part, not the whole
         assert r["shards"]["bfloat16"]["teacher_dtypes"] == ["torch.bfloat16"]
         assert r["whole_is_sharded_by_the_trainer"] is True
+        assert r["checkpointed_blocks"] == 2
         assert r["meta_vs_whole"] == [], rank
         assert r["resumed_from"] == 2
         assert r["resumed_vs_straight"] == [], rank
@@ -112,9 +119,24 @@ def test_networks_built_on_meta_are_the_folders_rows_and_train_like_whole_ones(t
     assert ranks[0]["ema_student_keys"] > 50
     assert ranks[1]["other_rank_gets"] == "None"
     # the two halves of the teacher are the whole teacher
-    assert sum(r["shards"]["float32"]["local_rows"] for r in ranks) == ranks[0]["shards"][
-        "float32"
-    ]["rows"]
+    assert (
+        sum(r["shards"]["float32"]["local_rows"] for r in ranks)
+        == ranks[0]["shards"]["float32"]["rows"]
+    )
+
+
+def test_lora_networks_built_on_meta_hold_the_folders_base_and_sharded_adapters(tmp_path):
+    config = run_yaml(tmp_path, "sd3", parallel="fsdp2", lora={"rank": 4})
+    proc = _torchrun(str(WORKER), config, str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))["ranks"]
+    print(ranks)
+    for r in ranks:
+        s = r["shards"]
+        assert s["base_rows_differ"] == [] and s["a_rows_differ"] == []
+        assert s["trainable"] == ["default"] and s["b_nonzero"] == 0 and s["a_count"] > 4
+        assert r["resumed_from"] == 2 and r["resumed_vs_straight"] == [] and r["tensors"] > 100
+    assert ranks[0]["ema_student_adapters"] == ranks[0]["shards"]["a_count"]
 
 
 def test_fastgen_distill_on_fsdp2_exports_from_the_shards(tmp_path):
@@ -127,8 +149,52 @@ def test_fastgen_distill_on_fsdp2_exports_from_the_shards(tmp_path):
     proc = _torchrun("-m", "fastgen.cli", "distill", config)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("exported the student to") == 1
-    exported = SD3Transformer2DModel.from_pretrained(str(tmp_path / "run" / "export" / "transformer"))
+    exported = SD3Transformer2DModel.from_pretrained(
+        str(tmp_path / "run" / "export" / "transformer")
+    )
     teacher = SD3Transformer2DModel.from_pretrained(str(tmp_path / "teacher" / "transformer"))
     moved = [k for k, v in exported.state_dict().items()
              if not torch.equal(v, teacher.state_dict()[k])]  # fmt: skip
     assert moved  # one step of training moved the student's weights
+
+
+def test_checkpointed_blocks_give_the_same_outputs_and_gradients_in_one_frame():
+    from families import samples
+    from torch._dynamo.testing import CompileCounter
+
+    plain, checkpointed = build("sd3"), checkpoint_blocks(build("sd3"))
+    assert sum(getattr(b, "_checkpointed", False) for b in checkpointed.modules()) == 2
+    assert plain.state_dict().keys() == checkpointed.state_dict().keys()
+    batch = samples("sd3", 2)
+    kw = {k: batch[k] for k in ("encoder_hidden_states", "pooled_projections")}
+    t = torch.tensor([300.0, 700.0])
+
+    def loss(net):
+        return net(batch["latents"], timestep=t, **kw).sample.square().mean()
+
+    loss(plain).backward()
+    counter = CompileCounter()
+    torch.compile(loss, backend=counter, fullgraph=True, dynamic=True)(checkpointed).backward()
+    assert counter.frame_count == 1
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for p in checkpointed.parameters():
+        p.grad = None
+    loss(checkpointed).backward()  # eager: the very same gradients
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.equal(q.grad, p.grad), name
+
+
+def test_a_checkpointed_run_is_the_plain_run(tmp_path):
+    from runs import differences
+    from test_train import run_config, state_of, trainer
+    from train_toys import Data
+
+    plain = trainer(run_config(tmp_path / "a", steps=2), Data())
+    plain.fit()
+    checkpointed = trainer(
+        run_config(tmp_path / "b", steps=2, activation_checkpointing=True), Data()
+    )
+    checkpointed.fit()
+    assert any(getattr(m, "_checkpointed", False) for m in checkpointed._plain_student.modules())
+    assert differences(state_of(plain), state_of(checkpointed)) == []

@@ -9,9 +9,13 @@ The worker checks, on every rank:
   score float32, the teacher in its dtype; a bfloat16 teacher's student equals
   ``teacher.to(float32)``);
 - the run built this way trains to the same weights, EMA and optimizer states, bitwise, as the
-  run built from whole networks that the trainer shards;
+  run built from whole networks that the trainer shards (with activation checkpointing);
 - stopped at step 2 and resumed to 4, it equals the straight run to 4;
 - ``ema_student(rank0_only=True)`` gives rank 0 a plain network holding the EMA weights.
+
+With ``lora:`` in RUN_YAML: the students' base rows are the file's, only the adapters train
+(``B = 0``, ``A``'s shards the rows of a whole network's init), a run resumes bitwise, and the
+EMA student carries the adapters.
 """
 
 from __future__ import annotations
@@ -59,12 +63,70 @@ def shards(run: RunConfig) -> dict:
             "sharded": sorted(n for n, net in nets.items() if is_sharded(net)),
             "meta_left": sum(p.is_meta for net in nets.values() for p in net.parameters()),
             "teacher_dtypes": sorted({str(d) for d in kept.values()}),
-            **{name: _rows_equal(nets[name], full, kept.__getitem__)
-               for name in ("teacher", "student", "fake_score")},  # fmt: skip
+            **{
+                name: _rows_equal(nets[name], full, kept.__getitem__)
+                for name in ("teacher", "student", "fake_score")
+            },
             "local_rows": sum(p.to_local().numel() for p in teacher.parameters()),
             "rows": sum(p.numel() for p in teacher.parameters()),
         }
     return out
+
+
+def lora_shards(run: RunConfig) -> dict:
+    """LoRA on networks built on meta: the base rows are the file's, only the adapters train,
+    ``B = 0``, and ``A``'s shards are the rows of peft's init of a whole network."""
+    from diffusers import SD3Transformer2DModel
+
+    from fastgen.train.lora import add_lora
+    from fastgen.train.sharding import init_lora_shards
+
+    folder = Path(run.teacher.path) / run.teacher.subfolder
+    whole = SD3Transformer2DModel.from_pretrained(str(folder))
+    full = dict(whole.state_dict())
+    nets = build_networks(run, run.method_config())
+    student = nets["student"]
+    base = {n.replace(".base_layer.", "."): p
+            for n, p in student.named_parameters() if "lora_" not in n}  # fmt: skip
+    out = {
+        "base_rows_differ": [n for n, p in base.items() if not torch.equal(
+            p.to_local(), distribute_tensor(full[n], p.device_mesh, p.placements,
+                                            src_data_rank=None).to_local())],
+        "trainable": sorted({n.split(".")[-2] for n, p in student.named_parameters()
+                             if p.requires_grad}),
+        "b_nonzero": sum(int(p.to_local().abs().sum() > 0)
+                         for n, p in student.named_parameters() if "lora_B" in n),
+    }  # fmt: skip
+    add_lora(whole, run.lora)
+    torch.manual_seed(7)
+    init_lora_shards(whole)
+    torch.manual_seed(7)
+    init_lora_shards(student)
+    want = dict(whole.named_parameters())
+    out["a_rows_differ"] = [
+        n for n, p in student.named_parameters() if "lora_A" in n and not torch.equal(
+            p.to_local(), distribute_tensor(want[n].detach(), p.device_mesh, p.placements,
+                                            src_data_rank=None).to_local())
+    ]  # fmt: skip
+    out["a_count"] = sum("lora_A" in n for n in want)
+    return out
+
+
+def lora(run) -> dict:
+    result = {"shards": lora_shards(run("shards", 2))}
+    straight = build(run("straight", 4))
+    straight.fit()
+    first = build(run("resumed", 2))
+    first.fit()
+    resumed = build(run("resumed", 4))
+    result["resumed_from"] = resumed.fit()["resumed_from"]
+    want = state_of(straight)
+    result["resumed_vs_straight"] = differences(want, state_of(resumed))
+    result["tensors"] = len(want)
+    plain = straight.ema_student(rank0_only=True)
+    if dist.get_rank() == 0:
+        result["ema_student_adapters"] = sum("lora_A" in n for n, _ in plain.named_parameters())
+    return result
 
 
 def main() -> None:
@@ -74,6 +136,11 @@ def main() -> None:
     def run(name: str, steps: int, **extra) -> RunConfig:
         return RunConfig.model_validate(fields | {"out": str(out / name), "steps": steps} | extra)
 
+    if fields.get("lora") is not None:
+        result = lora(run)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, result)
+        finish({"ranks": gathered})
     result = {"world": None, "shards": shards(run("shards", 2))}
     dist.barrier()
     result["world"] = dist.get_world_size()
@@ -84,7 +151,11 @@ def main() -> None:
     whole_path = build_module._shards_from_folder
     build_module._shards_from_folder = lambda run, dmd: False  # the trainer shards whole nets
     try:
-        whole = build(run("whole", 2))
+        # and with activation checkpointing: the same gradients, so the same run
+        whole = build(run("whole", 2, activation_checkpointing=True))
+        result["checkpointed_blocks"] = sum(
+            getattr(b, "_checkpointed", False) for b in whole._plain_student.modules()
+        )
         result["whole_is_sharded_by_the_trainer"] = is_sharded(whole.pipeline.teacher)
         whole.fit()
     finally:

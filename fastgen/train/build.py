@@ -111,21 +111,28 @@ def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
 
 def _shards_from_folder(run: RunConfig, dmd: Any) -> bool:
     """Whether the run's networks are built on the meta device and filled shard by shard:
-    FSDP2 with a teacher folder (LoRA and MeanFlow's student are still built whole, then
-    sharded)."""
+    FSDP2 with a teacher folder (MeanFlow's student is still built whole, then sharded)."""
     from fastgen.consistency.config import MeanFlowConfig
 
-    return (run.parallel == "fsdp2" and run.teacher is not None and run.lora is None
+    return (run.parallel == "fsdp2" and run.teacher is not None
             and not isinstance(dmd, MeanFlowConfig))  # fmt: skip
 
 
 def _sharded_networks(run: RunConfig, trainable: list[str]) -> dict[str, nn.Module]:
     """The teacher (its dtype) and float32 ``trainable`` copies of it, each built on the meta
-    device, sharded per block and filled from the folder's safetensors, this rank's rows only."""
+    device, sharded per block and filled from the folder's safetensors, this rank's rows only;
+    with ``lora:`` the copies carry adapters, initialised as peft does."""
     import torch.distributed as dist
 
     from fastgen.train.folders import _DTYPES, _model_class
-    from fastgen.train.sharding import empty_network, load_shards, mixed_precision, shard_network
+    from fastgen.train.lora import add_lora
+    from fastgen.train.sharding import (
+        empty_network,
+        init_lora_shards,
+        load_shards,
+        mixed_precision,
+        shard_network,
+    )
 
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
@@ -145,8 +152,11 @@ def _sharded_networks(run: RunConfig, trainable: list[str]) -> dict[str, nn.Modu
         nets = {"teacher": load_shards(shard_network(teacher.eval(), mp), folder, device)}
         via = {name: p.dtype for name, p in teacher.named_parameters()}
         for name in trainable:
-            net = shard_network(empty_network(cls, config).eval(), mp)
-            nets[name] = load_shards(net, folder, device, via=via)
+            net = empty_network(cls, config).eval()
+            if run.lora is not None:  # adapters before sharding: FSDP2 shards them too
+                add_lora(net, run.lora)
+            load_shards(shard_network(net, mp), folder, device, via=via, skip="lora_")
+            nets[name] = init_lora_shards(net) if run.lora is not None else net
     except (OSError, KeyError) as err:
         raise RunError(f"teacher: {_one_line(err)}") from None
     return nets

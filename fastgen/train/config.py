@@ -343,6 +343,11 @@ class RunConfig(BaseModel):
     compile: bool = False
     """Each loss through ``torch.compile`` (``fullgraph=True`` except under DDP)."""
 
+    activation_checkpointing: bool = False
+    """Recompute each transformer block of the student and the fake score in the backward
+    instead of keeping its activations (:func:`fastgen.train.sharding.checkpoint_blocks`):
+    less memory, about one more forward of time; the same gradients."""
+
     deterministic: bool = True
     """Train under deterministic kernels (:func:`fastgen.train.deterministic_kernels`): compiled
     scatters such as an embedding's backward then do not add in a varying order, and a resumed

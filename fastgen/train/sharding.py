@@ -19,6 +19,7 @@ all-gathered and kept (on CPU) by rank 0 only.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "blocks",
+    "checkpoint_blocks",
     "empty_network",
     "gathered_state_dict",
+    "init_lora_shards",
     "is_sharded",
     "load_shards",
     "mixed_precision",
@@ -45,6 +48,29 @@ def blocks(net: nn.Module) -> list[nn.Module]:
             lists.append(name)
             found.extend(module)
     return found
+
+
+def _checkpointed(cls: type) -> type:
+    from torch.utils.checkpoint import checkpoint
+
+    base_forward = cls.forward  # the function itself: dynamo traces it, not a class attribute
+
+    def forward(self, *args, **kwargs):
+        # non-reentrant: under FSDP2 the block's own hooks have gathered its weights for the
+        # forward, and gather them again before its backward, where the recompute runs
+        return checkpoint(base_forward, self, *args, use_reentrant=False, **kwargs)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward, "_checkpointed": True})
+
+
+def checkpoint_blocks(net: nn.Module) -> nn.Module:
+    """Activation checkpointing per block (see :func:`blocks`), in place: a block keeps only
+    its inputs for the backward and runs its forward again there. Names, weights and outputs
+    are unchanged (state dicts load across), and it composes with FSDP2 and ``torch.compile``."""
+    for block in blocks(net):
+        if not getattr(block, "_checkpointed", False):
+            block.__class__ = _checkpointed(type(block))
+    return net
 
 
 def is_sharded(net: nn.Module) -> bool:
@@ -148,6 +174,7 @@ def load_shards(
     device: torch.device | str = "cpu",
     *,
     via: dict[str, torch.dtype] | None = None,
+    skip: str | None = None,
 ) -> nn.Module:
     """Materialize a sharded (or plain) network built by :func:`empty_network` on ``device`` and
     fill every parameter and persistent buffer from ``folder``'s safetensors: each rank reads
@@ -159,6 +186,8 @@ def load_shards(
         device: Where the shards live.
         via: A dtype per parameter name to round the rows to before the parameter's own dtype
             (the student's float32 copy of a bfloat16 teacher equals ``teacher.to(float32)``).
+        skip: Parameters whose name contains it are not in the file (LoRA's ``"lora_"``): left
+            materialized but uninitialised, for the caller.
 
     Raises:
         KeyError: A parameter the file does not hold, or a tensor of another shape (the message
@@ -174,6 +203,9 @@ def load_shards(
     handles = {}
     try:
         for name, p in net.named_parameters():
+            if skip is not None and skip in name:
+                continue
+            name = name.replace(".base_layer.", ".")  # a peft layer's own weights: the file's
             if name not in where:
                 raise KeyError(f"{folder}: no tensor {name!r} in the safetensors files")
             file = where[name]
@@ -205,6 +237,33 @@ def load_shards(
                 net.get_buffer(name).copy_(handles[file].get_tensor(name))
     finally:
         handles.clear()
+    return net
+
+
+@torch.no_grad()
+def init_lora_shards(net: nn.Module) -> nn.Module:
+    """Initialise the LoRA adapters of a network sharded on the meta device as peft does
+    (``A`` Kaiming-uniform with ``a = sqrt(5)``, ``B = 0``), in module order from the global
+    RNG: each rank draws the whole ``A`` and keeps its rows, so the shards are those of the
+    adapters peft puts on a whole network."""
+    for module in net.modules():
+        for key, init in (("lora_A", "kaiming"), ("lora_B", "zeros")):
+            layers = getattr(module, key, None)
+            if not isinstance(layers, nn.ModuleDict):
+                continue
+            for layer in layers.values():
+                w = layer.weight
+                full = torch.empty(w.shape, dtype=w.dtype, device="cpu")
+                if init == "kaiming":
+                    nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+                else:
+                    full.zero_()
+                if hasattr(w, "to_local"):
+                    start, rows = _local_rows(w)
+                    if rows:
+                        w.to_local().copy_(full[start : start + rows])
+                else:
+                    w.copy_(full)
     return net
 
 

@@ -31,11 +31,12 @@ from fastgen.train.config import EvalConfig, OptimizerConfig, RunConfig
 from fastgen.train.data_checks import NonFiniteDataError, checked_keys, nonfinite_rows
 from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.images import image_grid, write_png
-from fastgen.train.lora import add_lora
+from fastgen.train.lora import add_lora, has_lora
 from fastgen.train.monitor import Monitor, encode_prompts, load_decoder, pipeline_folder
 from fastgen.train.preemption import Preempted, PreemptionNotice
 from fastgen.train.recipes import method_of
 from fastgen.train.sharding import (
+    checkpoint_blocks,
     gathered_state_dict,
     is_sharded,
     mixed_precision,
@@ -57,11 +58,8 @@ class CollapseError(RuntimeError):
 
 
 def _rebuildable(net: nn.Module) -> bool:
-    """A diffusers network without adapters: its class rebuilds it from ``net.config``."""
-    from fastgen.train.lora import has_lora
-
-    return (type(net).__module__.split(".")[0] == "diffusers"
-            and hasattr(net, "config") and not has_lora(net))  # fmt: skip
+    """A diffusers network (adapters and all): its class rebuilds it from ``net.config``."""
+    return type(net).__module__.split(".")[0] == "diffusers" and hasattr(net, "config")
 
 
 def _trainable(net: nn.Module) -> list[nn.Parameter]:
@@ -147,15 +145,19 @@ class Trainer:
                 student = MeanFlowNet(student)
         if fake_score is None and self.method in ("dmd2", "rcm"):
             fake_score = create_fake_score(teacher)
-        if run.lora is not None:  # only the adapters train
-            add_lora(student, run.lora)
-            if fake_score is not None:
-                add_lora(fake_score, run.lora)
+        if run.lora is not None:  # only the adapters train (build may have put them on)
+            for net in (student, fake_score):
+                if net is not None and not has_lora(net):
+                    add_lora(net, run.lora)
             if hasattr(student, "r_embedder"):  # MeanFlow's embedding of t - r is new: it trains
                 student.r_embedder.requires_grad_(True)
         else:
             student.requires_grad_(True)
         student.train()
+        if run.activation_checkpointing:
+            for net in (student, fake_score):
+                if net is not None:
+                    checkpoint_blocks(net)
         self._plain_student = student
         # ema_student()'s plain copy: made when asked, from the student itself, or under FSDP2
         # rebuilt from the class's config; a student FSDP2 will shard that cannot be rebuilt
@@ -794,11 +796,16 @@ class Trainer:
                 backup = [t.to_local().clone() if hasattr(t, "to_local") else t.detach().clone()
                           for t in (*student.parameters(), *student.buffers())]  # fmt: skip
             ema.copy_to(student)
-        student.eval()
+        # frozen while it samples, like a plain copy: kernels may differ for weights that need
+        # gradients (a linear layer's, on CPU), and samples would depend on the training state
+        needs_grad = [p.requires_grad for p in student.parameters()]
+        student.eval().requires_grad_(False)
         try:
             yield student
         finally:
             student.train(training)
+            for p, flag in zip(student.parameters(), needs_grad):
+                p.requires_grad_(flag)
             with torch.no_grad():
                 if backup is not None:
                     for t, held in zip((*student.parameters(), *student.buffers()), backup):
@@ -833,5 +840,7 @@ class Trainer:
         from fastgen.train.sharding import empty_network
 
         net = empty_network(type(student), dict(student.config))
+        if has_lora(student):
+            add_lora(net, student._fastgen_lora)
         net.load_state_dict(state, assign=True)
         return net.requires_grad_(False).eval()

@@ -1,0 +1,141 @@
+"""Memory per rank of ``fastgen distill``, in bytes per teacher parameter, for each way to run it.
+
+Every mode runs the real CLI on a diffusers SD3 transformer folder (``save_pretrained``; 55M
+parameters at full size, width 512, 6 joint blocks) for 2 DMD2 iterations with an EMA, through
+``bench/memory_worker.py``: in its own process (or ``torchrun`` processes on gloo), each rank's
+peak resident memory (``ru_maxrss``) minus its resident memory once torch, diffusers, peft and
+the model class are imported. The modes: 1 process; FSDP2 on 1, 2 and 4 ranks (fitted as
+``replicated + sharded / N``); FSDP2 on 2 ranks with activation checkpointing; LoRA (rank 16)
+on 1 process with a float32 and a bfloat16 teacher (``precision: bf16``), and on 2 FSDP2 ranks.
+
+Each mode is measured twice: with glibc's default allocator, whose heap keeps freed blocks
+(what a CPU process shows), and with ``MALLOC_MMAP_THRESHOLD_=65536``, which returns every
+large block to the system when it is freed, so the peak is that of the live tensors (what
+``max_memory_allocated`` reports on CUDA).
+
+Full run: ``python -m pytest bench/test_memory.py --benchmark-json
+bench/results/cpu_memory.json`` (about 10 minutes on 2 cores). Smoke mode (CI,
+``--benchmark-disable``): a tiny folder, 1 process and FSDP2 on 2 ranks, with the default allocator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "memory_worker.py"
+SD3 = dict(
+    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=6,
+    attention_head_dim=64, num_attention_heads=8, joint_attention_dim=256,
+    caption_projection_dim=512, pooled_projection_dim=64, pos_embed_max_size=16,
+)  # fmt: skip
+SMOKE = dict(SD3, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+             caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=8)  # fmt: skip
+
+#: name: (ranks, run config fields)
+MODES = {
+    "1 process": (1, {}),
+    "FSDP2 x1": (1, {"parallel": "fsdp2"}),
+    "FSDP2 x2": (2, {"parallel": "fsdp2"}),
+    "FSDP2 x4": (4, {"parallel": "fsdp2"}),
+    "FSDP2 x2, activation checkpointing": (
+        2,
+        {"parallel": "fsdp2", "activation_checkpointing": True},
+    ),
+    "LoRA, 1 process": (1, {"lora": {"rank": 16}}),
+    "LoRA, 1 process, bf16 teacher": (
+        1,
+        {"lora": {"rank": 16}, "teacher_dtype": "bfloat16", "precision": "bf16"},
+    ),
+    "LoRA, FSDP2 x2": (2, {"parallel": "fsdp2", "lora": {"rank": 16}}),
+}
+SMOKE_MODES = ["1 process", "FSDP2 x2"]
+ALLOCATORS = {"glibc default": {}, "mmap threshold 64 KiB": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def teacher_folder(root: Path, smoke: bool) -> tuple[Path, int]:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(**(SMOKE if smoke else SD3))
+    net.save_pretrained(str(root / "teacher"))
+    return root / "teacher", sum(p.numel() for p in net.parameters())
+
+
+def measure(root: Path, teacher: Path, mode: str, allocator: str) -> list[dict]:
+    """Every rank's report of one mode (a fresh run folder each time)."""
+    ranks, fields = MODES[mode]
+    fields = dict(fields)
+    tag = f"{mode}-{allocator}".replace(" ", "_").replace(",", "")
+    run = {
+        "out": str(root / tag / "run"),
+        "steps": 2,
+        "teacher": {"path": str(teacher), "dtype": fields.pop("teacher_dtype", "float32")},
+        "data": "memory_worker:batches",
+        "dmd": {"num_train_timesteps": 1000, "student_update_freq": 1,
+                "ema": {"decay": 0.99, "mode": "local_shard"}},
+        "checkpoint": {"every": 10**6},
+        "log": {"progress": False, "tensorboard": False},
+        **fields,
+    }  # fmt: skip
+    config = root / f"{tag}.yaml"
+    config.write_text(yaml.safe_dump(run))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", **ALLOCATORS[allocator]}
+    reports = root / tag / "reports"
+    if ranks == 1 and "parallel" not in fields:
+        cmd = [sys.executable, str(WORKER), str(config), str(reports)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={ranks}", str(WORKER), str(config), str(reports)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((reports / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def fit(points: dict[int, float]) -> tuple[float, float]:
+    """Least squares ``y = replicated + sharded / N`` through ``{N: y}``."""
+    xs, ys = [1 / n for n in points], list(points.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sharded = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - sharded * mx, sharded
+
+
+def test_memory_per_teacher_parameter(benchmark, is_smoke):
+    results: dict[str, dict[str, dict]] = {}
+    root = Path(tempfile.mkdtemp(prefix="fastgen-bench-memory-"))
+    teacher, params = teacher_folder(root, is_smoke)
+    modes = SMOKE_MODES if is_smoke else list(MODES)
+    allocators = ["glibc default"] if is_smoke else list(ALLOCATORS)
+
+    def all_modes():
+        for allocator in allocators:
+            for mode in modes:
+                reports = measure(root, teacher, mode, allocator)
+                per_rank = [r["run_bytes"] / params for r in reports]
+                results.setdefault(allocator, {})[mode] = {
+                    "ranks": len(reports),
+                    "bytes_per_param_by_rank": per_rank,
+                    "bytes_per_param_max": max(per_rank),
+                    "bytes_per_param_max_not_rank0": max(per_rank[1:], default=per_rank[0]),
+                    "run_bytes_by_rank": [r["run_bytes"] for r in reports],
+                }
+
+    benchmark.pedantic(all_modes, rounds=1, iterations=1)
+    for allocator, by_mode in results.items():
+        for mode, r in by_mode.items():
+            assert all(b > 0 for b in r["bytes_per_param_by_rank"]), (allocator, mode)
+        if not is_smoke:
+            replicated, sharded = fit({n: by_mode[f"FSDP2 x{n}"]["bytes_per_param_max"]
+                                       for n in (1, 2, 4)})  # fmt: skip
+            by_mode["FSDP2 fit"] = {"replicated": replicated, "sharded": sharded}
+    benchmark.extra_info.update(teacher_params=params, modes=results)
+    print(json.dumps(results, indent=1))
