@@ -256,6 +256,32 @@ def lora_table(benches: list[dict]) -> str:
     return "\n".join(out)
 
 
+def memory_table(benches: list[dict]) -> str:
+    picked = [b for b in benches if b["name"].startswith("test_memory_per_teacher_parameter")]
+    if not picked:
+        return ""
+    e = picked[0]["extra_info"]
+    allocators = list(e["modes"])
+    out = [
+        f"Bytes per teacher parameter ({e['teacher_params']:,}), per rank (rank 0 first):",
+        "",
+        "| mode | " + " | ".join(allocators) + " |",
+        "|---|" + "---|" * len(allocators),
+    ]
+    for mode in e["modes"][allocators[0]]:
+        cells = []
+        for allocator in allocators:
+            r = e["modes"][allocator].get(mode)
+            if r is None:
+                cells.append("")
+            elif "replicated" in r:
+                cells.append(f"{r['replicated']:.1f} + {r['sharded']:.1f} / N")
+            else:
+                cells.append(" / ".join(f"{v:.1f}" for v in r["bytes_per_param_by_rank"]))
+        out.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def render(data: dict, title: str, level: int = 2) -> tuple[str, dict]:
     """The Markdown for one results JSON (its headings at ``level``) and the plot's series."""
     benches = data["benchmarks"]
@@ -302,6 +328,7 @@ def render(data: dict, title: str, level: int = 2) -> tuple[str, dict]:
             "LoRA against full fine-tuning (SD3 transformer, 55M parameters, rank 16)",
             lora_table(benches),
         ),
+        ("Memory of fastgen distill per teacher parameter", memory_table(benches)),
     ]
     md = [f"{h} {title}", "", header(data)]
     for name, body in sections:
@@ -337,6 +364,10 @@ What is timed (`bench/`, pytest-benchmark; compile and warm-up outside the timed
 - `test_lora.py`: LoRA (rank 16 on the attention projections) against full fine-tuning of an
   SD3 transformer through the Trainer, each in its own process: trainable parameters, gradient
   and optimizer bytes, peak resident memory, time per iteration.
+- `test_memory.py`: `fastgen distill` on an SD3 transformer folder (55M parameters) in each
+  way to run it (1 process, FSDP2 on 1/2/4 gloo ranks, activation checkpointing, LoRA), each
+  rank's peak resident memory per teacher parameter, with glibc's default allocator and with
+  large blocks returned when freed (the live tensors); see the memory guide.
 
 Run them:
 
