@@ -31,11 +31,9 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "memory_worker.py"
-SD3 = dict(
-    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=6,
-    attention_head_dim=64, num_attention_heads=8, joint_attention_dim=256,
-    caption_projection_dim=512, pooled_projection_dim=64, pos_embed_max_size=16,
-)  # fmt: skip
+sys.path.insert(0, str(HERE))
+from test_lora import SD3  # the same 55M-parameter SD3 transformer  # noqa: E402
+
 SMOKE = dict(SD3, num_layers=2, attention_head_dim=8, num_attention_heads=2,
              caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=8)  # fmt: skip
 
