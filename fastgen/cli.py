@@ -81,15 +81,10 @@ def _distill(args: argparse.Namespace) -> int:
         return EXIT_PREEMPTED
     if trainer.main:
         print(f"done: {result['step']} steps in {run.out}")
-    # under FSDP2 every rank takes part in the gather; rank 0 alone holds the copy and exports
-    sharded = run.parallel == "fsdp2"
-    student = trainer.ema_student(rank0_only=True) if sharded or trainer.main else None
-    if trainer.main:
-        if hasattr(student, "save_pretrained"):
-            from fastgen.train.folders import export_student
-
-            folder = export_student(student, run.out, trainer.dmd, run.teacher)
-            print(f"exported the student to {folder}")
+    # a diffusers student is exported (under FSDP2 every rank takes part in the gathers)
+    folder = trainer.export()
+    if folder is not None:
+        print(f"exported the student to {folder}")
     if trainer.world > 1:
         import torch.distributed as dist
 

@@ -118,6 +118,8 @@ def test_networks_built_on_meta_are_the_folders_rows_and_train_like_whole_ones(t
     assert ranks[0]["ema_student_plain"] is True and ranks[0]["ema_student_vs_ema"] == []
     assert ranks[0]["ema_student_keys"] > 50
     assert ranks[1]["other_rank_gets"] == "None"
+    assert ranks[0]["export_vs_ema_student"] == []  # streamed, bitwise the gathered copy
+    assert [r["streamed"] for r in ranks] == [1, 1]  # no whole copy on rank 0
     # the two halves of the teacher are the whole teacher
     assert (
         sum(r["shards"]["float32"]["local_rows"] for r in ranks)
@@ -137,6 +139,10 @@ def test_lora_networks_built_on_meta_hold_the_folders_base_and_sharded_adapters(
         assert s["trainable"] == ["default"] and s["b_nonzero"] == 0 and s["a_count"] > 4
         assert r["resumed_from"] == 2 and r["resumed_vs_straight"] == [] and r["tensors"] > 100
     assert ranks[0]["ema_student_adapters"] == ranks[0]["shards"]["a_count"]
+    # streamed and merged on the way: bitwise the merged gathered copy, the adapter peft's
+    assert ranks[0]["export_vs_merged"] == [] and ranks[0]["adapter_vs_peft"] == []
+    assert ranks[1]["other_rank_export"] == "None"
+    assert [r["streamed"] for r in ranks] == [1, 1]
 
 
 def test_fastgen_distill_on_fsdp2_exports_from_the_shards(tmp_path):

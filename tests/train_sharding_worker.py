@@ -35,6 +35,7 @@ from workers import finish
 
 from fastgen.train import RunConfig, build
 from fastgen.train.build import build_networks
+from fastgen.train.lora import merged
 from fastgen.train.sharding import is_sharded
 
 
@@ -124,9 +125,46 @@ def lora(run) -> dict:
     result["resumed_vs_straight"] = differences(want, state_of(resumed))
     result["tensors"] = len(want)
     plain = straight.ema_student(rank0_only=True)
+    folder = streamed_export(straight, result)  # the adapters merged on the way
     if dist.get_rank() == 0:
         result["ema_student_adapters"] = sum("lora_A" in n for n, _ in plain.named_parameters())
+        result["export_vs_merged"] = same_file(folder / "transformer", merged(plain).state_dict())
+        from peft.utils import get_peft_model_state_dict
+
+        result["adapter_vs_peft"] = same_file(folder / "lora", get_peft_model_state_dict(plain),
+                                              name="adapter_model.safetensors")  # fmt: skip
+    else:
+        result["other_rank_export"] = repr(folder)
     return result
+
+
+def streamed_export(trainer, result: dict):
+    """``trainer.export()``, counting the calls of the streamed export under it."""
+    import fastgen.train.folders as folders
+
+    streamed = folders.export_sharded_student
+    result["streamed"] = 0
+
+    def counted(*args):
+        result["streamed"] += 1
+        return streamed(*args)
+
+    folders.export_sharded_student = counted
+    try:
+        return trainer.export()
+    finally:
+        folders.export_sharded_student = streamed
+
+
+def same_file(folder, want, name="diffusion_pytorch_model.safetensors") -> list[str]:
+    """The keys where ``folder``'s safetensors file differs from ``want`` (bitwise; a key only
+    on one side counts)."""
+    from safetensors.torch import load_file
+
+    got = load_file(str(folder / name))
+    keys = set(got) | set(want)
+    return sorted(k for k in keys if k not in got or k not in want
+                  or got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k]))  # fmt: skip
 
 
 def main() -> None:
@@ -181,6 +219,9 @@ def main() -> None:
         result["ema_student_keys"] = len(set(plain.state_dict()) & set(ema))
     else:
         result["other_rank_gets"] = repr(plain)
+    folder = streamed_export(straight, result)
+    if dist.get_rank() == 0:
+        result["export_vs_ema_student"] = same_file(folder / "transformer", plain.state_dict())
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)
     finish({"ranks": gathered})

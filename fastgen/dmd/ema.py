@@ -73,7 +73,10 @@ class ExponentialMovingAverage:
     Under FSDP2 (DTensor parameters, ``cfg.fsdp2``), ``cfg.mode="full_tensor"`` all-gathers
     every parameter in each update (a collective: call ``update`` on every rank), so each rank
     holds the whole averaged network; ``"local_shard"`` averages each rank's shard only, with
-    no communication. Buffers are copied, not averaged.
+    no communication. Buffers are copied, not averaged. Parameters frozen at construction
+    (``requires_grad=False``: a LoRA network's base) have no shadow: their average is
+    themselves, and :meth:`copy_to` and :meth:`swap` leave them as they are; nor have a LoRA
+    network's buffers (peft ``lora_`` parameters: the buffers are the frozen base's).
 
     Args:
         model: The network to track (DDP and ``torch.compile`` wrappers are looked through).
@@ -102,14 +105,19 @@ class ExponentialMovingAverage:
         # local_shard shadows: the parameter's mesh, placements, global shape and stride, so a
         # checkpoint can save each rank's shard as a DTensor (a plain tensor would be deduplicated).
         self._layouts: dict[str, tuple] = {}
+        self._frozen: set[str] = set()
         with torch.no_grad():
             for name, p in model.named_parameters():
+                if not p.requires_grad:
+                    self._frozen.add(_clean(name))
+                    continue
                 live = self._live(p)
                 dtype = _DTYPES[cfg.dtype] if cfg.dtype is not None else live.dtype
                 self._shadow[_clean(name)] = live.to(dtype=dtype, copy=True)
                 if cfg.fsdp2 and cfg.mode == "local_shard" and _is_dtensor(p):
                     self._layouts[_clean(name)] = (p.device_mesh, p.placements, p.shape, p.stride())
-            for name, b in model.named_buffers():
+            lora = any("lora_" in name for name, _ in model.named_parameters())
+            for name, b in () if lora else model.named_buffers():
                 self._buffers[_clean(name)] = b.detach().clone()
         self._initialized = False
 
@@ -123,6 +131,8 @@ class ExponentialMovingAverage:
         shadows, lives = [], []
         for name, p in _unwrap(model).named_parameters():
             key = _clean(name)
+            if key in self._frozen:
+                continue
             if key not in self._shadow:
                 raise KeyError(f"parameter {key!r} is not tracked by this EMA (another model?)")
             shadow = self._shadow[key]
@@ -166,6 +176,8 @@ class ExponentialMovingAverage:
         """
         for name, p in _unwrap(target).named_parameters():
             key = _clean(name)
+            if key in self._frozen:
+                continue
             if key not in self._shadow:
                 raise KeyError(f"target parameter {key!r} has no EMA shadow")
             shadow = self._shadow[key]
@@ -199,6 +211,8 @@ class ExponentialMovingAverage:
         """
         pairs = []
         for name, p in _unwrap(target).named_parameters():
+            if _clean(name) in self._frozen:
+                continue
             shadow = self._shadow.get(_clean(name))
             local = p.to_local() if _is_dtensor(p) else p
             if shadow is None or shadow.shape != local.shape or shadow.dtype != local.dtype:

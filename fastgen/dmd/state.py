@@ -3,6 +3,7 @@
 The names are the network's own (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.`` and
 activation checkpointing's wrappers are looked through); FSDP2-sharded parameters stay DTensors
 (each rank holds its shard), which is what ``torch.distributed.checkpoint`` saves and reshards.
+A LoRA network's state is what trains: its frozen base is the teacher's weights, not saved.
 """
 
 from __future__ import annotations
@@ -26,11 +27,31 @@ __all__ = [
 ]
 
 
+def _inner(net: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return net
+        net = inner
+
+
+def _trained_only(net: nn.Module) -> set[str] | None:
+    """The names of a LoRA network's trained parameters (``None`` for any other network)."""
+    named = list(_inner(net).named_parameters())
+    if not any("lora_" in name for name, _ in named):
+        return None
+    return {name.replace("._checkpoint_wrapped_module", "") for name, p in named
+            if p.requires_grad}  # fmt: skip
+
+
 def network_state(net: nn.Module) -> dict[str, Tensor]:
-    """``net``'s parameters and persistent buffers by name (the tensors themselves)."""
+    """``net``'s parameters and persistent buffers by name (the tensors themselves); for a
+    LoRA network (peft ``lora_`` parameters), only the parameters that train."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(net)
+    state = get_model_state_dict(net)
+    trained = _trained_only(net)
+    return state if trained is None else {k: v for k, v in state.items() if k in trained}
 
 
 def check_state(
@@ -79,6 +100,9 @@ def load_network_state(net: nn.Module, state: Mapping[str, Tensor], *, strict: b
     found here would leave the other keys already written."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    if _trained_only(net) is not None:  # the frozen base is not in the state
+        check_state("network", network_state(net), state, strict=strict)
+        strict = False
     set_model_state_dict(net, dict(state), options=StateDictOptions(strict=strict))
 
 

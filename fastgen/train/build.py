@@ -4,7 +4,8 @@
 ``trainer = fastgen.train.build(run)`` and gets the same run:
 
 - **networks**: ``teacher:`` loads a diffusers folder (``from_pretrained``); the student and the
-  fake score start as float32 copies of it, and with the GAN branch a token discriminator
+  fake score start as float32 copies of it (with ``lora:``, the teacher's own weights under
+  each one's adapters: one base in memory), and with the GAN branch a token discriminator
   reads its middle block. ``model: "module:function"`` calls ``function(run)`` for a dict with
   ``teacher`` and optionally ``student``, ``fake_score``, ``discriminator``;
 - **data**: ``data: {cache, batch_size}`` streams a latent cache (this rank's share);
@@ -79,7 +80,19 @@ def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
             teacher = load_teacher(run.teacher)
         except (OSError, ValueError) as err:
             raise RunError(_one_line(err)) from None
-        nets = {"teacher": teacher, "student": copy.deepcopy(teacher).to(torch.float32)}
+        # with LoRA, one base: the copies are the teacher's weights + adapters (FSDP2 shards
+        # each network on its own, so there they stay copies)
+        if run.lora is not None and run.parallel != "fsdp2":
+            from fastgen.train.lora import shared_base
+
+            def trainable_copy() -> nn.Module:
+                return shared_base(teacher)
+        else:
+
+            def trainable_copy() -> nn.Module:
+                return copy.deepcopy(teacher).to(torch.float32)
+
+        nets = {"teacher": teacher, "student": trainable_copy()}
         if isinstance(dmd, MeanFlowConfig):
             from fastgen.consistency.networks import MeanFlowNet
 
@@ -88,7 +101,7 @@ def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
             except ValueError as err:
                 raise RunError(f"teacher: {err}") from None
         if isinstance(dmd, RCMConfig) or not isinstance(dmd, SCMConfig | MeanFlowConfig):
-            nets["fake_score"] = copy.deepcopy(teacher).to(torch.float32)
+            nets["fake_score"] = trainable_copy()
         if isinstance(dmd, DMDConfig) and dmd.gan_loss_weight_gen > 0:
             try:
                 nets["discriminator"] = default_discriminator(teacher)

@@ -248,8 +248,9 @@ class TeacherConfig(BaseModel):
     ``config.json`` ``_class_name``. Written ``class:`` in YAML."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """The teacher's weights; student and fake score are float32 copies. bf16/fp16 halve the
-    teacher's memory and need ``precision: bf16``."""
+    """The teacher's weights; student and fake score are float32 copies (with ``lora:``, the
+    teacher's weights themselves under float32 adapters). bf16/fp16 halve the teacher's memory
+    and need ``precision: bf16``."""
 
 
 class CacheConfig(BaseModel):

@@ -25,6 +25,7 @@ from fastgen.train.config import TeacherConfig
 __all__ = [
     "call_for",
     "default_discriminator",
+    "export_sharded_student",
     "export_student",
     "load_model",
     "load_teacher",
@@ -174,17 +175,68 @@ def export_student(
         save_adapter(student, folder / "lora")
         student = merged(student)
     student.save_pretrained(str(folder / "transformer"))
+    _finish_export(folder, student, dmd, teacher)
+    return folder
+
+
+def export_sharded_student(
+    student: nn.Module, out: str | Path, dmd: DMDConfig, teacher: TeacherConfig | None = None
+) -> Path | None:
+    """:func:`export_student` for an FSDP2-sharded diffusers student, without a whole copy:
+    every rank calls it; each weight is all-gathered in turn and rank 0 writes it straight
+    into ``diffusion_pytorch_model.safetensors`` (a LoRA layer merged once its base weight and
+    adapters have come), so rank 0 holds one full tensor at a time (a LoRA layer's three).
+
+    Returns:
+        The export folder on rank 0, ``None`` on the others.
+
+    Raises:
+        TypeError: The student is no diffusers model, or carries LoRA layers other than
+            ``Linear`` ones (export those with :meth:`~fastgen.train.Trainer.ema_student`).
+    """
+    import torch.distributed as dist
+
+    from fastgen.train.lora import _peft_config, save_adapter_state
+    from fastgen.train.sharding import lora_layers, merged_gathered, write_safetensors
+
+    if not hasattr(student, "save_config"):
+        raise TypeError(f"the student ({type(student).__name__}) is no diffusers model")
+    layers = lora_layers(student)
+    if layers is None:
+        raise TypeError("only Linear LoRA layers merge on the way: use Trainer.ema_student()")
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    folder = Path(out) / "export"
+    target = folder / "transformer"
+    adapter: dict[str, torch.Tensor] = {}
+    tensors = merged_gathered(student, adapter)
+    if main:
+        target.mkdir(parents=True, exist_ok=True)
+        write_safetensors(target / "diffusion_pytorch_model.safetensors", tensors)
+        student.save_config(str(target))
+        if layers:
+            save_adapter_state(adapter, _peft_config(student._fastgen_lora), folder / "lora")
+        _finish_export(folder, student, dmd, teacher)
+    else:
+        for _ in tensors:  # the gathers rank 0 waits on
+            pass
+    return folder if main else None
+
+
+def _finish_export(
+    folder: Path, student: nn.Module, dmd: DMDConfig, teacher: TeacherConfig | None
+) -> None:
+    """The pipeline folder (when the teacher came from one) and ``fastgen.json``."""
     meanflow = hasattr(student, "r_embedder")  # a diffusers pipeline would drop its r
     if teacher is not None and teacher.subfolder is not None and not meanflow:
         source = Path(teacher.path)
         if (source / "model_index.json").is_file():
-            _export_pipeline(source, teacher.subfolder, student, folder / "pipeline")
+            _export_pipeline(source, teacher.subfolder, folder / "transformer", folder / "pipeline")
     settings = sampling_settings(dmd, type(getattr(student, "base", student)).__name__)
     (folder / "fastgen.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
-    return folder
 
 
-def _export_pipeline(source: Path, subfolder: str, student: nn.Module, target: Path) -> None:
+def _export_pipeline(source: Path, subfolder: str, student: Path, target: Path) -> None:
+    """``source``'s pipeline with the exported ``student`` folder in place of ``subfolder``."""
     import shutil
 
     if target.exists():
@@ -193,7 +245,7 @@ def _export_pipeline(source: Path, subfolder: str, student: nn.Module, target: P
     shutil.copytree(
         source, target, ignore=lambda d, names: names if Path(d) == source / subfolder else []
     )
-    student.save_pretrained(str(target / subfolder))
+    shutil.copytree(student, target / subfolder, dirs_exist_ok=True)
     config_file = target / "scheduler" / "scheduler_config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -11,18 +11,26 @@ keep their base weights frozen and train low-rank adapters on the named layers,
 so both start as the teacher and only :math:`A, B` get gradients and optimizer state. The
 export merges the adapters into the weights (a plain diffusers model) and also saves the
 adapter alone in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+One base: the student and the fake score are :func:`shared_base` copies of the teacher, new
+modules over the teacher's own weight tensors, so the run holds the base once (in the
+teacher's dtype) and each network adds only its adapters (float32: what trains keeps float32
+masters). The teacher itself carries no adapter, so its outputs are bitwise the plain
+teacher's, and each loss's gradient reaches only the adapters of the network it trains.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from fastgen.train.config import LoraConfig
 
-__all__ = ["add_lora", "has_lora", "merged", "save_adapter"]
+__all__ = ["add_lora", "has_lora", "merged", "save_adapter", "save_adapter_state", "shared_base"]
 
 ADAPTER = "default"
 
@@ -55,6 +63,8 @@ def add_lora(net: nn.Module, config: LoraConfig) -> nn.Module:
         raise ValueError(f"lora.target_modules {list(config.target_modules)}: {err}") from None
     for name, p in net.named_parameters():
         p.requires_grad_("lora_" in name)
+        if "lora_" in name and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()  # peft casts adapters to a bf16 base's dtype: keep fp32
     net._fastgen_lora = config  # what save_adapter writes as the adapter's config
     return net
 
@@ -66,17 +76,42 @@ def has_lora(net: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in net.modules())
 
 
+def _copy_sharing(net: nn.Module, shared) -> nn.Module:
+    """``copy.deepcopy(net)`` except that the tensors in ``shared`` are the original ones."""
+    memo = {id(t): t for t in shared}
+    return copy.deepcopy(net, memo)
+
+
+def shared_base(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` over the same weights: new modules (and buffers), every parameter the
+    original's own tensor. :func:`add_lora` on it gives a LoRA network that adds only its
+    adapters to the memory, ``net`` left without any (never cast or move the copy on its own:
+    that would change ``net``'s weights too)."""
+    return _copy_sharing(net, net.parameters())
+
+
 def merged(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` with every adapter merged into its layer's weight and the peft layers
-    replaced by the plain ones: the model as it was, with the trained weights."""
+    r"""A plain copy of ``net``: each peft layer replaced by its base layer with the adapter
+    merged in, :math:`W + \tfrac{\alpha}{r} B A` (computed as peft's ``merge`` does, rounded
+    once to :math:`W`'s dtype). The merged weights are new tensors; every other weight is
+    ``net``'s own (frozen: the copy shares them instead of duplicating the base)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    out = copy.deepcopy(net)
+    out = _copy_sharing(net, [p for p in net.parameters() if not p.requires_grad])
     for name, module in list(out.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            module.merge()
+            base = module.get_base_layer()
+            plain = copy.copy(base)  # new module; its own dicts, so net's base layer is kept
+            plain._parameters = dict(base._parameters)
+            plain._buffers, plain._modules = dict(base._buffers), dict(base._modules)
+            with torch.no_grad():
+                weight = base.weight
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter)
+                plain.weight = nn.Parameter(weight.to(base.weight.dtype), requires_grad=False)
             parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, child, module.get_base_layer())
+            setattr(out.get_submodule(parent) if parent else out, child, plain)
     out.__dict__.pop("_fastgen_lora", None)
     return out
 
@@ -86,12 +121,18 @@ def save_adapter(net: nn.Module, folder: str | Path) -> Path:
     ``adapter_model.safetensors`` (loadable with ``peft.set_peft_model_state_dict`` or
     diffusers' ``load_lora_adapter``)."""
     from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(net, adapter_name=ADAPTER)
+    return save_adapter_state(state, _peft_config(net._fastgen_lora), folder)
+
+
+def save_adapter_state(state: dict, config: Any, folder: str | Path) -> Path:
+    """Write an adapter's tensors (peft's saved names) and its ``peft.LoraConfig``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _peft_config(net._fastgen_lora).save_pretrained(str(folder))
-    state = get_peft_model_state_dict(net, adapter_name=ADAPTER)
+    config.save_pretrained(str(folder))
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
               str(folder / "adapter_model.safetensors"))  # fmt: skip
     return folder

@@ -13,7 +13,9 @@ like this:
    the teacher's dtype first, as ``teacher.to(float32)`` would be).
 
 :func:`gathered_state_dict` goes the other way for the export: one parameter at a time is
-all-gathered and kept (on CPU) by rank 0 only.
+all-gathered and kept (on CPU) by rank 0 only; :func:`merged_gathered` merges LoRA layers on
+the way and :func:`write_safetensors` writes each tensor as it comes, so rank 0 never holds
+the whole network.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +37,12 @@ __all__ = [
     "init_lora_shards",
     "is_sharded",
     "load_shards",
+    "lora_layers",
+    "merged_gathered",
     "mixed_precision",
     "safetensors_files",
     "shard_network",
+    "write_safetensors",
 ]
 
 
@@ -282,3 +288,88 @@ def gathered_state_dict(net: nn.Module, *, rank0_only: bool = True) -> Iterator[
     for name, b in net.named_buffers():
         if name in persistent:
             yield name, b.detach().cpu().clone() if keep else None
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(path: str | Path, tensors: Iterator[tuple[str, Tensor]]) -> Path:
+    """Write ``(name, tensor)`` pairs to a safetensors file as they come, holding one at a
+    time: the data goes to ``path``'s side file first, then behind the header (which needs
+    every offset) into ``path`` itself."""
+    import shutil
+
+    path = Path(path)
+    data_file = path.with_name(path.name + ".data")
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    with data_file.open("wb") as data:
+        for name, t in tensors:
+            if t.dtype not in _SAFETENSORS_DTYPES:
+                raise TypeError(f"{name}: no safetensors dtype for {t.dtype}")
+            raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            data.write(memoryview(raw.numpy()))
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + raw.numel()]}  # fmt: skip
+            offset += raw.numel()
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as out, data_file.open("rb") as data:
+        out.write(len(head).to_bytes(8, "little"))
+        out.write(head)
+        shutil.copyfileobj(data, out, 1 << 20)
+    data_file.unlink()
+    return path
+
+
+def lora_layers(net: nn.Module) -> dict[str, nn.Module] | None:
+    """``net``'s peft LoRA layers by module name (``{}`` without adapters); ``None`` when one
+    is not a plain ``Linear`` (:func:`merged_gathered` merges those only)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return {}
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, BaseTunerLayer)}
+    if any(not isinstance(m, LoraLinear) or m.fan_in_fan_out for m in layers.values()):
+        return None
+    return layers
+
+
+def merged_gathered(
+    net: nn.Module, adapter: dict[str, Tensor] | None = None, *, name: str = "default"
+) -> Iterator[tuple[str, Tensor | None]]:
+    r""":func:`gathered_state_dict` with each LoRA layer merged as
+    :func:`fastgen.train.lora.merged` does (:math:`W + s\,BA` in the adapters' dtype, rounded
+    once to :math:`W`'s), under the plain model's names; rank 0's adapter tensors go to
+    ``adapter`` under peft's saved names. Every rank must iterate it; others get ``None``s."""
+    layers = lora_layers(net) or {}
+    pending: dict[str, dict[str, Tensor]] = {}
+    for key, t in gathered_state_dict(net, rank0_only=True):
+        layer = next((p for p in (key.split(".base_layer.")[0], key.split(".lora_")[0])
+                      if p in layers and p != key), None)  # fmt: skip
+        if layer is None:
+            yield key, t
+            continue
+        if ".lora_" in key:
+            if t is not None and adapter is not None and f".{name}." in key:
+                adapter[key.replace(f".{name}", "")] = t
+            part = "A" if ".lora_A." in key else "B"
+        else:
+            part = key.split(".base_layer.")[1]
+            if part != "weight":
+                yield f"{layer}.{part}", t
+                continue
+        got = pending.setdefault(layer, {})
+        got[part] = t
+        if len(got) == 3:
+            del pending[layer]
+            if got["weight"] is None:
+                yield f"{layer}.weight", None
+                continue
+            delta = (got["B"] @ got["A"]) * layers[layer].scaling[name]
+            yield f"{layer}.weight", (got["weight"] + delta).to(got["weight"].dtype)

@@ -31,7 +31,7 @@ from fastgen.train.config import EvalConfig, OptimizerConfig, RunConfig
 from fastgen.train.data_checks import NonFiniteDataError, checked_keys, nonfinite_rows
 from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.images import image_grid, write_png
-from fastgen.train.lora import add_lora, has_lora
+from fastgen.train.lora import _copy_sharing, add_lora, has_lora, shared_base
 from fastgen.train.monitor import Monitor, encode_prompts, load_decoder, pipeline_folder
 from fastgen.train.preemption import Preempted, PreemptionNotice
 from fastgen.train.recipes import method_of
@@ -137,14 +137,18 @@ class Trainer:
             raise ValueError(f"discriminator: {self.method} has no GAN branch")
         if self.method in ("scm", "meanflow") and fake_score is not None:
             raise ValueError(f"fake_score: {self.method} trains none (rcm and dmd2 do)")
+        # with LoRA the student and the fake score are the teacher's weights plus adapters:
+        # one base in memory (the teacher carries no adapter)
+        lora_copy = shared_base if run.lora is not None and run.parallel != "fsdp2" else None
         if student is None:
-            student = copy.deepcopy(teacher)
+            student = copy.deepcopy(teacher) if lora_copy is None else lora_copy(teacher)
             if self.method == "meanflow":
                 from fastgen.consistency.networks import MeanFlowNet
 
                 student = MeanFlowNet(student)
         if fake_score is None and self.method in ("dmd2", "rcm"):
-            fake_score = create_fake_score(teacher)
+            fake_score = (create_fake_score(teacher) if lora_copy is None
+                          else lora_copy(teacher).train())  # fmt: skip
         if run.lora is not None:  # only the adapters train (build may have put them on)
             for net in (student, fake_score):
                 if net is not None and not has_lora(net):
@@ -813,9 +817,38 @@ class Trainer:
                 elif ema is not None:
                     ema.swap(student)
 
+    def export(self) -> Path | None:
+        """Save the EMA student to ``out/export`` (:func:`~fastgen.train.folders.export_student`:
+        the diffusers folder, LoRA merged and the adapter alone, the pipeline folder and
+        ``fastgen.json``); rank 0 writes and gets the folder, the others ``None``, and every
+        rank ``None`` when the student is no diffusers model (no ``save_pretrained``).
+
+        Under FSDP2 every rank must call it: a diffusers student's weights are all-gathered one
+        tensor at a time straight into the file, so no rank holds a whole copy.
+        """
+        from fastgen.train.folders import export_sharded_student, export_student
+        from fastgen.train.sharding import lora_layers
+
+        student = self._plain_student
+        if not hasattr(student, "save_pretrained"):
+            return None
+        if (
+            is_sharded(student)
+            and hasattr(student, "save_config")
+            and lora_layers(student) is not None
+        ):
+            with self._ema_weights():
+                return export_sharded_student(student, self.out, self.dmd, self.run.teacher)
+        sharded = is_sharded(student)
+        net = self.ema_student(rank0_only=True) if sharded or self.main else None
+        if not self.main:
+            return None
+        return export_student(net, self.out, self.dmd, self.run.teacher)
+
     def ema_student(self, *, rank0_only: bool = False) -> nn.Module | None:
         """A plain copy of the student holding the EMA weights (the student's own weights when
-        the config has no EMA).
+        the config has no EMA); a LoRA student's copy has its own adapters over the student's
+        frozen base (the same tensors, not copies: the base never changes).
 
         Under FSDP2 every rank must call it: the weights are all-gathered one tensor at a time
         into a plain network rebuilt from the student's class and config; with ``rank0_only``
@@ -823,8 +856,9 @@ class Trainer:
         """
         student = self._plain_student
         if not is_sharded(student):
-            if self._ema_net is None:
-                self._ema_net = copy.deepcopy(student).requires_grad_(False).eval()
+            if self._ema_net is None:  # a LoRA student's copy shares its frozen base
+                frozen = [p for p in student.parameters() if not p.requires_grad]
+                self._ema_net = _copy_sharing(student, frozen).requires_grad_(False).eval()
             if self.pipeline.ema is not None:
                 self.pipeline.ema.copy_to(self._ema_net)
             else:
