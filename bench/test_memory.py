@@ -6,7 +6,8 @@ parameters at full size, width 512, 6 joint blocks) for 2 DMD2 iterations with a
 peak resident memory (``ru_maxrss``) minus its resident memory once torch, diffusers, peft and
 the model class are imported. The modes: 1 process; FSDP2 on 1, 2 and 4 ranks (fitted as
 ``replicated + sharded / N``); FSDP2 on 2 ranks with activation checkpointing; LoRA (rank 16)
-on 1 process with a float32 and a bfloat16 teacher (``precision: bf16``), and on 2 FSDP2 ranks.
+on 1 process with a float32 and a bfloat16 teacher (saved in bfloat16, ``precision: bf16``),
+and on 2 FSDP2 ranks.
 
 Each mode is measured twice: with glibc's default allocator, whose heap keeps freed blocks
 (what a CPU process shows), and with ``MALLOC_MMAP_THRESHOLD_=65536``, which returns every
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,12 +61,15 @@ ALLOCATORS = {"glibc default": {}, "mmap threshold 64 KiB": {"MALLOC_MMAP_THRESH
 
 
 def teacher_folder(root: Path, smoke: bool) -> tuple[Path, int]:
+    """The teacher saved in float32 (``root/teacher``) and in bfloat16 (``root/teacher-bf16``,
+    what a bf16 teacher's release holds); its parameter count."""
     import torch
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
     net = SD3Transformer2DModel(**(SMOKE if smoke else SD3))
     net.save_pretrained(str(root / "teacher"))
+    net.to(torch.bfloat16).save_pretrained(str(root / "teacher-bf16"))
     return root / "teacher", sum(p.numel() for p in net.parameters())
 
 
@@ -73,10 +78,13 @@ def measure(root: Path, teacher: Path, mode: str, allocator: str) -> list[dict]:
     ranks, fields = MODES[mode]
     fields = dict(fields)
     tag = f"{mode}-{allocator}".replace(" ", "_").replace(",", "")
+    dtype = fields.pop("teacher_dtype", "float32")
+    if dtype == "bfloat16":  # a bf16 teacher comes as a bf16 file
+        teacher = teacher.with_name(teacher.name + "-bf16")
     run = {
         "out": str(root / tag / "run"),
         "steps": 2,
-        "teacher": {"path": str(teacher), "dtype": fields.pop("teacher_dtype", "float32")},
+        "teacher": {"path": str(teacher), "dtype": dtype},
         "data": "memory_worker:batches",
         "dmd": {"num_train_timesteps": 1000, "student_update_freq": 1,
                 "ema": {"decay": 0.99, "mode": "local_shard"}},
@@ -96,7 +104,9 @@ def measure(root: Path, teacher: Path, mode: str, allocator: str) -> list[dict]:
                f"--nproc_per_node={ranks}", str(WORKER), str(config), str(reports)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((reports / f"rank{r}.json").read_text()) for r in range(ranks)]
+    out = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(ranks)]
+    shutil.rmtree(root / tag)  # its checkpoint and export: over 1 GB at full size
+    return out
 
 
 def fit(points: dict[int, float]) -> tuple[float, float]:
@@ -127,7 +137,10 @@ def test_memory_per_teacher_parameter(benchmark, is_smoke):
                     "run_bytes_by_rank": [r["run_bytes"] for r in reports],
                 }
 
-    benchmark.pedantic(all_modes, rounds=1, iterations=1)
+    try:
+        benchmark.pedantic(all_modes, rounds=1, iterations=1)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     for allocator, by_mode in results.items():
         for mode, r in by_mode.items():
             assert all(b > 0 for b in r["bytes_per_param_by_rank"]), (allocator, mode)
