@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fastgen.dmd.config import EMAConfig
+from fastgen.dmd.state import _is_lora_network
 
 __all__ = ["ExponentialMovingAverage", "ema_decay"]
 
@@ -116,7 +117,7 @@ class ExponentialMovingAverage:
                 self._shadow[_clean(name)] = live.to(dtype=dtype, copy=True)
                 if cfg.fsdp2 and cfg.mode == "local_shard" and _is_dtensor(p):
                     self._layouts[_clean(name)] = (p.device_mesh, p.placements, p.shape, p.stride())
-            lora = any("lora_" in name for name, _ in model.named_parameters())
+            lora = _is_lora_network(list(model.named_parameters()))
             for name, b in () if lora else model.named_buffers():
                 self._buffers[_clean(name)] = b.detach().clone()
         self._initialized = False

@@ -35,10 +35,15 @@ def _inner(net: nn.Module) -> nn.Module:
         net = inner
 
 
+def _is_lora_network(named: list[tuple[str, Tensor]]) -> bool:
+    """Whether a network's ``named_parameters()`` hold peft LoRA adapters (``lora_``)."""
+    return any("lora_" in name for name, _ in named)
+
+
 def _trained_only(net: nn.Module) -> set[str] | None:
     """The names of a LoRA network's trained parameters (``None`` for any other network)."""
     named = list(_inner(net).named_parameters())
-    if not any("lora_" in name for name, _ in named):
+    if not _is_lora_network(named):
         return None
     return {name.replace("._checkpoint_wrapped_module", "") for name, p in named
             if p.requires_grad}  # fmt: skip

@@ -80,17 +80,12 @@ def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
             teacher = load_teacher(run.teacher)
         except (OSError, ValueError) as err:
             raise RunError(_one_line(err)) from None
-        # with LoRA, one base: the copies are the teacher's weights + adapters (FSDP2 shards
-        # each network on its own, so there they stay copies)
-        if run.lora is not None and run.parallel != "fsdp2":
-            from fastgen.train.lora import shared_base
+        from fastgen.train.lora import one_base, shared_base
 
-            def trainable_copy() -> nn.Module:
+        def trainable_copy() -> nn.Module:
+            if one_base(run):
                 return shared_base(teacher)
-        else:
-
-            def trainable_copy() -> nn.Module:
-                return copy.deepcopy(teacher).to(torch.float32)
+            return copy.deepcopy(teacher).to(torch.float32)
 
         nets = {"teacher": teacher, "student": trainable_copy()}
         if isinstance(dmd, MeanFlowConfig):

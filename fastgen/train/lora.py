@@ -30,7 +30,15 @@ from torch import nn
 
 from fastgen.train.config import LoraConfig
 
-__all__ = ["add_lora", "has_lora", "merged", "save_adapter", "save_adapter_state", "shared_base"]
+__all__ = [
+    "add_lora",
+    "has_lora",
+    "merged",
+    "one_base",
+    "save_adapter",
+    "save_adapter_state",
+    "shared_base",
+]
 
 ADAPTER = "default"
 
@@ -80,6 +88,12 @@ def _copy_sharing(net: nn.Module, shared) -> nn.Module:
     """``copy.deepcopy(net)`` except that the tensors in ``shared`` are the original ones."""
     memo = {id(t): t for t in shared}
     return copy.deepcopy(net, memo)
+
+
+def one_base(run: Any) -> bool:
+    """Whether the run's student and fake score are :func:`shared_base` copies of the teacher:
+    with ``lora:`` and without FSDP2 (which shards each network on its own)."""
+    return run.lora is not None and run.parallel != "fsdp2"
 
 
 def shared_base(net: nn.Module) -> nn.Module:

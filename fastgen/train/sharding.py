@@ -350,9 +350,8 @@ def merged_gathered(
     layers = lora_layers(net) or {}
     pending: dict[str, dict[str, Tensor]] = {}
     for key, t in gathered_state_dict(net, rank0_only=True):
-        layer = next((p for p in (key.split(".base_layer.")[0], key.split(".lora_")[0])
-                      if p in layers and p != key), None)  # fmt: skip
-        if layer is None:
+        layer = key.split(".lora_" if ".lora_" in key else ".base_layer.")[0]
+        if layer == key or layer not in layers:
             yield key, t
             continue
         if ".lora_" in key:

@@ -31,7 +31,7 @@ from fastgen.train.config import EvalConfig, OptimizerConfig, RunConfig
 from fastgen.train.data_checks import NonFiniteDataError, checked_keys, nonfinite_rows
 from fastgen.train.determinism import deterministic_kernels
 from fastgen.train.images import image_grid, write_png
-from fastgen.train.lora import _copy_sharing, add_lora, has_lora, shared_base
+from fastgen.train.lora import _copy_sharing, add_lora, has_lora, one_base, shared_base
 from fastgen.train.monitor import Monitor, encode_prompts, load_decoder, pipeline_folder
 from fastgen.train.preemption import Preempted, PreemptionNotice
 from fastgen.train.recipes import method_of
@@ -139,7 +139,7 @@ class Trainer:
             raise ValueError(f"fake_score: {self.method} trains none (rcm and dmd2 do)")
         # with LoRA the student and the fake score are the teacher's weights plus adapters:
         # one base in memory (the teacher carries no adapter)
-        lora_copy = shared_base if run.lora is not None and run.parallel != "fsdp2" else None
+        lora_copy = shared_base if one_base(run) else None
         if student is None:
             student = copy.deepcopy(teacher) if lora_copy is None else lora_copy(teacher)
             if self.method == "meanflow":
