@@ -69,6 +69,41 @@ def test_bf16_model_keeps_float32_shadows_that_move():
     assert bf16.state_dict()["0.weight"].dtype == torch.bfloat16
 
 
+def _averaged(model, cfg, device):
+    model = model.to(device)
+    ema = ExponentialMovingAverage(model, cfg)
+    for i in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5).add_(0.25 * i)
+        ema.update(model, iteration=i)
+    return ema
+
+
+def test_cpu_offload_averages_one_parameter_at_a_time_to_the_same_bits():
+    # the offloaded update is a loop of lerp_, the fused one a _foreach_lerp_: the same sums
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = EMAConfig(decay=0.7)
+        fused = _averaged(net(dtype), cfg, "cpu").state_dict()
+        offloaded = _averaged(net(dtype), cfg.model_copy(update={"cpu_offload": True}), "cpu")
+        assert offloaded.state_dict().keys() == fused.keys()
+        for key, shadow in offloaded.state_dict().items():
+            assert shadow.dtype == fused[key].dtype and torch.equal(shadow, fused[key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host vs device memory needs CUDA")
+def test_cpu_offload_keeps_pinned_host_shadows_of_a_cuda_network():
+    cfg = EMAConfig(decay=0.7, cpu_offload=True)
+    ema = _averaged(net(), cfg, "cuda")
+    on_device = _averaged(net(), EMAConfig(decay=0.7), "cuda")
+    for key, shadow in ema._shadow.items():
+        assert shadow.device.type == "cpu" and shadow.is_pinned(), key
+        torch.testing.assert_close(shadow, on_device.state_dict()[key].cpu(), rtol=0, atol=1e-6)
+    target = net().cuda()
+    ema.copy_to(target)
+    assert torch.equal(target[0].weight.cpu(), ema.state_dict()["0.weight"])
+
+
 def test_start_iter_ignores_then_initialises():
     model = net()
     ema = ExponentialMovingAverage(model, EMAConfig(decay=0.5, start_iter=3))

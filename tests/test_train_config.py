@@ -1,4 +1,4 @@
-"""fastgen.train.config: deprecated spellings still read, with a warning."""
+"""fastgen.train.config: deprecated spellings still read, with a warning; cross-field checks."""
 
 from __future__ import annotations
 
@@ -38,3 +38,10 @@ def test_per_network_schedules_do_not_warn(recwarn):
 def test_other_unknown_keys_still_fail():
     with pytest.raises(ValueError, match="sched"):
         OptimConfig.model_validate({"sched": "cosine"})
+
+
+def test_cpu_offload_is_fsdp2s_and_named_otherwise():
+    assert RunConfig(out="r", steps=1, parallel="fsdp2", cpu_offload=True).cpu_offload
+    for parallel in ("none", "ddp"):
+        with pytest.raises(ValueError, match=f"cpu_offload needs parallel: fsdp2.*{parallel}"):
+            RunConfig(out="r", steps=1, parallel=parallel, cpu_offload=True)

@@ -112,6 +112,8 @@ def test_networks_built_on_meta_are_the_folders_rows_and_train_like_whole_ones(t
         assert r["whole_is_sharded_by_the_trainer"] is True
         assert r["checkpointed_blocks"] == 2
         assert r["meta_vs_whole"] == [], rank
+        assert r["offloaded"] == [True, True, True]
+        assert r["offloaded_vs_meta"] == [], rank
         assert r["resumed_from"] == 2
         assert r["resumed_vs_straight"] == [], rank
         assert r["tensors"] > 100

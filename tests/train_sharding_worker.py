@@ -11,6 +11,7 @@ The worker checks, on every rank:
 - the run built this way trains to the same weights, EMA and optimizer states, bitwise, as the
   run built from whole networks that the trainer shards (with activation checkpointing);
 - stopped at step 2 and resumed to 4, it equals the straight run to 4;
+- with ``cpu_offload`` (FSDP2's and the EMA's) the networks are offloaded and train the same;
 - ``ema_student(rank0_only=True)`` gives rank 0 a plain network holding the EMA weights.
 
 With ``lora:`` in RUN_YAML: the students' base rows are the file's, only the adapters train
@@ -36,7 +37,7 @@ from workers import finish
 from fastgen.train import RunConfig, build
 from fastgen.train.build import build_networks
 from fastgen.train.lora import merged
-from fastgen.train.sharding import is_sharded
+from fastgen.train.sharding import is_offloaded, is_sharded
 
 
 def _rows_equal(net, full: dict[str, torch.Tensor], dtype_of) -> list[str]:
@@ -199,6 +200,13 @@ def main() -> None:
     finally:
         build_module._shards_from_folder = whole_path
     result["meta_vs_whole"] = differences(state_of(whole), state_of(on_meta))
+    # FSDP2's CPU offload, and the EMA's: the same run (host memory is all gloo has)
+    ema = fields["dmd"]["ema"] | {"cpu_offload": True}
+    offloaded = build(run("offloaded", 2, cpu_offload=True, dmd=fields["dmd"] | {"ema": ema}))
+    pipe = offloaded.pipeline
+    result["offloaded"] = [is_offloaded(n) for n in (pipe.teacher, pipe.student, pipe.fake_score)]
+    offloaded.fit()
+    result["offloaded_vs_meta"] = differences(state_of(on_meta), state_of(offloaded))
 
     straight = build(run("straight", 4))
     straight.fit()

@@ -78,6 +78,12 @@ class EMAConfig(BaseModel):
     """Shadow dtype of the parameters (buffers keep theirs); ``None`` keeps each parameter's.
     float32 by default: in bf16 an update (1 - decay) * (live - shadow) rounds away."""
 
+    cpu_offload: bool = False
+    """Keep the shadows in CPU memory (pinned, on CUDA) instead of beside the weights: each
+    update copies one parameter at a time over and averages it there. Frees the shadows'
+    4 bytes per parameter (per rank, divided by the ranks with ``local_shard``) of device memory
+    for one host copy per update."""
+
 
 class DistillationConfig(BaseModel):
     """What every few-step distillation method shares: parameterization, guidance, timesteps.

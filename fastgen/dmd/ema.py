@@ -6,7 +6,8 @@ r"""Exponential moving average of a network's weights, fused, FSDP2-aware.
 
 with :math:`\beta_i` the config's schedule at iteration :math:`i`. One ``torch._foreach_lerp_``
 updates every parameter shadow at once. Shadows are kept in ``EMAConfig.dtype`` (float32 by
-default, also for a bf16 model: a bf16 shadow would round each small increment away).
+default, also for a bf16 model: a bf16 shadow would round each small increment away), beside
+the weights or, with ``EMAConfig.cpu_offload``, in host memory.
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ class ExponentialMovingAverage:
                     continue
                 live = self._live(p)
                 dtype = _DTYPES[cfg.dtype] if cfg.dtype is not None else live.dtype
-                self._shadow[_clean(name)] = live.to(dtype=dtype, copy=True)
+                shadow = live.to(dtype=dtype, copy=True)
+                if cfg.cpu_offload and shadow.device.type != "cpu":
+                    shadow = shadow.cpu().pin_memory()  # pinned: the copies over are async
+                self._shadow[_clean(name)] = shadow
                 if cfg.fsdp2 and cfg.mode == "local_shard" and _is_dtensor(p):
                     self._layouts[_clean(name)] = (p.device_mesh, p.placements, p.shape, p.stride())
             lora = _is_lora_network(list(model.named_parameters()))
@@ -136,9 +140,8 @@ class ExponentialMovingAverage:
                 continue
             if key not in self._shadow:
                 raise KeyError(f"parameter {key!r} is not tracked by this EMA (another model?)")
-            shadow = self._shadow[key]
-            shadows.append(shadow)
-            lives.append(self._live(p).to(device=shadow.device, dtype=shadow.dtype))
+            shadows.append(self._shadow[key])
+            lives.append(self._live(p))
         return shadows, lives
 
     @torch.no_grad()
@@ -158,11 +161,23 @@ class ExponentialMovingAverage:
         if iteration < self.config.start_iter:
             return
         shadows, lives = self._pairs(model)
-        if iteration == self.config.start_iter or not self._initialized:
-            torch._foreach_copy_(shadows, lives)
-            self._initialized = True
+        first = iteration == self.config.start_iter or not self._initialized
+        weight = 1.0 - ema_decay(self.config, iteration)
+        if self.config.cpu_offload:  # one parameter's host copy at a time, not the network's
+            for shadow, live in zip(shadows, lives, strict=True):
+                live = live.to(device=shadow.device, dtype=shadow.dtype)
+                if first:
+                    shadow.copy_(live)
+                else:
+                    shadow.lerp_(live, weight)
         else:
-            torch._foreach_lerp_(shadows, lives, 1.0 - ema_decay(self.config, iteration))
+            lives = [live.to(device=shadow.device, dtype=shadow.dtype)
+                     for shadow, live in zip(shadows, lives, strict=True)]  # fmt: skip
+            if first:
+                torch._foreach_copy_(shadows, lives)
+            else:
+                torch._foreach_lerp_(shadows, lives, weight)
+        self._initialized = True
         for name, b in _unwrap(model).named_buffers():
             key = _clean(name)
             if key in self._buffers:

@@ -139,13 +139,14 @@ def _sharded_networks(run: RunConfig, trainable: list[str]) -> dict[str, nn.Modu
         init_lora_shards,
         load_shards,
         mixed_precision,
+        process_group_backend,
         shard_network,
     )
 
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             raise RunError("parallel: fsdp2 runs under torchrun (torchrun --nproc_per_node=N ...)")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(process_group_backend(run.cpu_offload))
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if torch.cuda.is_available() else torch.device("cpu"))  # fmt: skip
     folder = Path(run.teacher.path) / (run.teacher.subfolder or "")
@@ -154,16 +155,18 @@ def _sharded_networks(run: RunConfig, trainable: list[str]) -> dict[str, nn.Modu
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise RunError(_one_line(err)) from None
-    mp = mixed_precision(run.precision)
+    mp, offload = mixed_precision(run.precision), run.cpu_offload
     try:
         teacher = empty_network(cls, config, _DTYPES[run.teacher.dtype]).requires_grad_(False)
-        nets = {"teacher": load_shards(shard_network(teacher.eval(), mp), folder, device)}
+        shard_network(teacher.eval(), mp, offload=offload)
+        nets = {"teacher": load_shards(teacher, folder, device, offload=offload)}
         via = {name: p.dtype for name, p in teacher.named_parameters()}
         for name in trainable:
             net = empty_network(cls, config).eval()
             if run.lora is not None:  # adapters before sharding: FSDP2 shards them too
                 add_lora(net, run.lora)
-            load_shards(shard_network(net, mp), folder, device, via=via, skip="lora_")
+            load_shards(shard_network(net, mp, offload=offload), folder, device, via=via,
+                        skip="lora_", offload=offload)  # fmt: skip
             nets[name] = init_lora_shards(net) if run.lora is not None else net
     except (OSError, KeyError) as err:
         raise RunError(f"teacher: {_one_line(err)}") from None

@@ -359,6 +359,14 @@ class RunConfig(BaseModel):
     """Under torchrun: replicate the trained networks with DDP, or shard student, fake score and
     teacher with FSDP2 (the discriminator stays replicated)."""
 
+    cpu_offload: bool = False
+    """``parallel: fsdp2`` only: FSDP2's ``CPUOffloadPolicy`` for the student, the fake score and
+    the teacher: their shards, gradients and optimizer states live in host memory (pinned on
+    CUDA) and each block's shards are copied to the device for its all-gather; the optimizer
+    steps on the CPU. Device memory then holds a gathered block or two and the activations; the
+    process group carries gloo beside NCCL for the reductions of host tensors. Pair it with
+    the EMA's own ``cpu_offload``."""
+
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: autocast (DDP, one process) or FSDP2's mixed-precision policy (bf16 parameters,
     fp32 gradient reduction); weights and optimizer state stay float32."""
@@ -390,6 +398,11 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"teacher.dtype {self.teacher.dtype} needs precision: bf16 (the student and fake "
                 "score train in float32 under autocast)"
+            )
+        if self.cpu_offload and self.parallel != "fsdp2":
+            raise ValueError(
+                f"cpu_offload needs parallel: fsdp2 (FSDP2's offload policy), got parallel: "
+                f"{self.parallel}"
             )
         if self.eval.every is not None and self.eval.seeds < 2:
             raise ValueError(

@@ -35,11 +35,13 @@ __all__ = [
     "empty_network",
     "gathered_state_dict",
     "init_lora_shards",
+    "is_offloaded",
     "is_sharded",
     "load_shards",
     "lora_layers",
     "merged_gathered",
     "mixed_precision",
+    "process_group_backend",
     "safetensors_files",
     "shard_network",
     "write_safetensors",
@@ -96,20 +98,47 @@ def mixed_precision(precision: str):
     return MixedPrecisionPolicy()
 
 
-def shard_network(net: nn.Module, mp_policy=None) -> nn.Module:
+def shard_network(net: nn.Module, mp_policy=None, *, offload: bool = False) -> nn.Module:
     """``fully_shard`` each block of ``net`` (see :func:`blocks`), then ``net`` itself (in place).
 
     Args:
         net: A plain network, on the meta device or materialized.
         mp_policy: FSDP2's ``MixedPrecisionPolicy`` (default: none).
+        offload: FSDP2's ``CPUOffloadPolicy``: the shards (and so the gradients and optimizer
+            states) in host memory, pinned on CUDA; a meta network is then materialized on the
+            CPU (:func:`load_shards` with ``offload=True``).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     mp = MixedPrecisionPolicy() if mp_policy is None else mp_policy
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for block in blocks(net):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(net, mp_policy=mp)
+        fully_shard(block, mp_policy=mp, offload_policy=policy)
+    fully_shard(net, mp_policy=mp, offload_policy=policy)
     return net
+
+
+def is_offloaded(net: nn.Module) -> bool:
+    """Whether ``net`` is sharded with FSDP2's ``CPUOffloadPolicy`` (its shards in host memory)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if not is_sharded(net):
+        return False
+    group = net._get_fsdp_state()._fsdp_param_group
+    return group is not None and isinstance(group.offload_policy, CPUOffloadPolicy)
+
+
+def process_group_backend(offload: bool) -> str:
+    """The ``init_process_group`` backend: NCCL on CUDA (with gloo beside it for the reductions
+    of host tensors under CPU offload: gradient norms, the EMA's gathers), else gloo."""
+    if not torch.cuda.is_available():
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if offload else "nccl"
 
 
 def _keep_fp32(cls: type, name: str) -> bool:
@@ -181,6 +210,7 @@ def load_shards(
     *,
     via: dict[str, torch.dtype] | None = None,
     skip: str | None = None,
+    offload: bool = False,
 ) -> nn.Module:
     """Materialize a sharded (or plain) network built by :func:`empty_network` on ``device`` and
     fill every parameter and persistent buffer from ``folder``'s safetensors: each rank reads
@@ -194,6 +224,8 @@ def load_shards(
             (the student's float32 copy of a bfloat16 teacher equals ``teacher.to(float32)``).
         skip: Parameters whose name contains it are not in the file (LoRA's ``"lora_"``): left
             materialized but uninitialised, for the caller.
+        offload: The parameters go to host memory and the buffers to ``device`` (a network
+            sharded with ``offload=True``: FSDP2 copies each shard over for its all-gather).
 
     Raises:
         KeyError: A parameter the file does not hold, or a tensor of another shape (the message
@@ -202,10 +234,12 @@ def load_shards(
     from safetensors import safe_open
 
     where = safetensors_files(folder)
-    buffers = {n: b.detach().clone() for n, b in net.named_buffers()}
-    net.to_empty(device=device)
-    for name, b in net.named_buffers():  # to_empty left them uninitialised
-        b.copy_(buffers[name])
+    buffers = {n: b.detach().clone() for n, b in net.named_buffers(remove_duplicate=False)}
+    net.to_empty(device="cpu" if offload else device)
+    for prefix, module in net.named_modules():  # to_empty left them uninitialised
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = buffers[f"{prefix}.{key}" if prefix else key].to(device)
     handles = {}
     try:
         for name, p in net.named_parameters():

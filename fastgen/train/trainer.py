@@ -40,6 +40,7 @@ from fastgen.train.sharding import (
     gathered_state_dict,
     is_sharded,
     mixed_precision,
+    process_group_backend,
     shard_network,
 )
 
@@ -174,7 +175,9 @@ class Trainer:
             from fastgen.consistency.scm import AdaptiveWeight
 
             weight_net = AdaptiveWeight(seed=run.seed or 0).to(device)
-        nets = [n.to(device) for n in (teacher, student, fake_score) if n is not None]
+        # a network fastgen.train.build sharded is where it belongs (host memory, offloaded)
+        nets = [n if is_sharded(n) else n.to(device)
+                for n in (teacher, student, fake_score) if n is not None]  # fmt: skip
         if discriminator is not None:
             discriminator.to(device)
         self._params = {"student": _trainable(student)}
@@ -188,7 +191,7 @@ class Trainer:
             mp = mixed_precision(run.precision)
             for net in nets:
                 if not is_sharded(net):  # fastgen.train.build shards a folder's networks itself
-                    shard_network(net, mp)
+                    shard_network(net, mp, offload=run.cpu_offload)
             # the sharded parameters are new objects
             self._params["student"] = _trainable(student)
             if fake_score is not None:
@@ -283,7 +286,7 @@ class Trainer:
                     f"parallel: {self.run.parallel} runs under torchrun "
                     "(torchrun --nproc_per_node=N ...)"
                 )
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group(process_group_backend(self.run.cpu_offload))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if cuda:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
