@@ -260,25 +260,32 @@ def memory_table(benches: list[dict]) -> str:
     picked = [b for b in benches if b["name"].startswith("test_memory_per_teacher_parameter")]
     if not picked:
         return ""
-    e = picked[0]["extra_info"]
-    allocators = list(e["modes"])
-    out = [
-        f"Bytes per teacher parameter ({e['teacher_params']:,}), per rank (rank 0 first):",
-        "",
-        "| mode | " + " | ".join(allocators) + " |",
-        "|---|" + "---|" * len(allocators),
-    ]
-    for mode in e["modes"][allocators[0]]:
-        cells = []
-        for allocator in allocators:
-            r = e["modes"][allocator].get(mode)
-            if r is None:
-                cells.append("")
-            elif "replicated" in r:
-                cells.append(f"{r['replicated']:.1f} + {r['sharded']:.1f} / N")
-            else:
-                cells.append(" / ".join(f"{v:.1f}" for v in r["bytes_per_param_by_rank"]))
-        out.append(f"| {mode} | " + " | ".join(cells) + " |")
+    out = []
+    for bench in picked:
+        e = bench["extra_info"]
+        allocators = list(e["modes"])
+        blocks = f", {e['blocks']} blocks" if "blocks" in e else ""
+        out += [
+            *([""] if out else []),
+            f"Bytes per teacher parameter ({e['teacher_params']:,}{blocks}), per rank (rank 0 "
+            "first):",
+            "",
+            "| mode | " + " | ".join(allocators) + " |",
+            "|---|" + "---|" * len(allocators),
+        ]
+        for mode in e["modes"][allocators[0]]:
+            cells = []
+            for allocator in allocators:
+                r = e["modes"][allocator].get(mode)
+                if r is None:
+                    cells.append("")
+                elif "bytes_per_param" in r:  # the fixed bytes
+                    cells.append(f"{r['bytes_per_param']:.2f}")
+                elif "replicated" in r:
+                    cells.append(f"{r['replicated']:.1f} + {r['sharded']:.1f} / N")
+                else:
+                    cells.append(" / ".join(f"{v:.1f}" for v in r["bytes_per_param_by_rank"]))
+            out.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -7,7 +7,8 @@ peak resident memory (``ru_maxrss``) minus its resident memory once torch, diffu
 the model class are imported. The modes: 1 process; FSDP2 on 1, 2 and 4 ranks (fitted as
 ``replicated + sharded / N``); FSDP2 on 2 ranks with activation checkpointing; LoRA (rank 16)
 on 1 process with a float32 and a bfloat16 teacher (saved in bfloat16, ``precision: bf16``),
-and on 2 FSDP2 ranks.
+and on 2 FSDP2 ranks. And FSDP2 on 1, 2 and 4 ranks of a teacher of the same size in 24
+blocks (:data:`DEEP`), where what stays replicated is a smaller share of the model.
 
 Each mode is measured twice: with glibc's default allocator, whose heap keeps freed blocks
 (what a CPU process shows), and with ``MALLOC_MMAP_THRESHOLD_=65536``, which returns every
@@ -57,17 +58,20 @@ MODES = {
     "LoRA, FSDP2 x2": (2, {"parallel": "fsdp2", "lora": {"rank": 16}}),
 }
 SMOKE_MODES = ["1 process", "FSDP2 x2"]
+# The same size in 24 blocks of width 256 (56M parameters): what FSDP2 keeps gathered is a
+# number of blocks, and the teachers it is for have 38-60 of them, not 6.
+DEEP = dict(SD3, num_layers=24, num_attention_heads=4, caption_projection_dim=256)
 ALLOCATORS = {"glibc default": {}, "mmap threshold 64 KiB": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
-def teacher_folder(root: Path, smoke: bool) -> tuple[Path, int]:
+def teacher_folder(root: Path, config: dict) -> tuple[Path, int]:
     """The teacher saved in float32 (``root/teacher``) and in bfloat16 (``root/teacher-bf16``,
     what a bf16 teacher's release holds); its parameter count."""
     import torch
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    net = SD3Transformer2DModel(**(SMOKE if smoke else SD3))
+    net = SD3Transformer2DModel(**config)
     net.save_pretrained(str(root / "teacher"))
     net.to(torch.bfloat16).save_pretrained(str(root / "teacher-bf16"))
     return root / "teacher", sum(p.numel() for p in net.parameters())
@@ -120,7 +124,7 @@ def fit(points: dict[int, float]) -> tuple[float, float]:
 def test_memory_per_teacher_parameter(benchmark, is_smoke):
     results: dict[str, dict[str, dict]] = {}
     root = Path(tempfile.mkdtemp(prefix="fastgen-bench-memory-"))
-    teacher, params = teacher_folder(root, is_smoke)
+    teacher, params = teacher_folder(root, SMOKE if is_smoke else SD3)
     modes = SMOKE_MODES if is_smoke else list(MODES)
     allocators = ["glibc default"] if is_smoke else list(ALLOCATORS)
 
@@ -149,4 +153,48 @@ def test_memory_per_teacher_parameter(benchmark, is_smoke):
                                        for n in (1, 2, 4)})  # fmt: skip
             by_mode["FSDP2 fit"] = {"replicated": replicated, "sharded": sharded}
     benchmark.extra_info.update(teacher_params=params, modes=results)
+    print(json.dumps(results, indent=1))
+
+
+def test_memory_per_teacher_parameter_of_a_deep_teacher(benchmark, is_smoke):
+    """FSDP2 on 1, 2 and 4 ranks and the fit, live tensors, for :data:`DEEP`: the replicated
+    part in blocks of a 24th of the model. The same runs of the smoke folder (3,000 times
+    fewer parameters) give the memory a run takes whatever the model's size (threads, gloo's
+    buffers, the code the run imports): the fixed bytes, a share of the replicated bytes per
+    parameter here that vanishes at billions of parameters."""
+    if is_smoke:
+        import pytest
+
+        pytest.skip("full size only: the smoke folder has no depth to speak of")
+    results: dict[str, dict] = {}
+    fixed: dict[int, float] = {}
+    root = Path(tempfile.mkdtemp(prefix="fastgen-bench-memory-"))
+    teacher, params = teacher_folder(root, DEEP)
+    tiny, _ = teacher_folder(root / "smoke", SMOKE)
+    allocator = "mmap threshold 64 KiB"
+
+    def all_modes():
+        for n in (1, 2, 4):
+            reports = measure(root, teacher, f"FSDP2 x{n}", allocator)
+            per_rank = [r["run_bytes"] / params for r in reports]
+            results[f"FSDP2 x{n}"] = {"ranks": n, "bytes_per_param_by_rank": per_rank,
+                                      "bytes_per_param_max": max(per_rank)}  # fmt: skip
+            fixed[n] = max(r["run_bytes"] for r in measure(root, tiny, f"FSDP2 x{n}", allocator))
+
+    try:
+        benchmark.pedantic(all_modes, rounds=1, iterations=1)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    replicated, sharded = fit({n: results[f"FSDP2 x{n}"]["bytes_per_param_max"] for n in (1, 2, 4)})
+    assert sharded > 0
+    results["FSDP2 fit"] = {"replicated": replicated, "sharded": sharded}
+    fixed_bytes = max(fixed.values())
+    results["fixed bytes (the smoke folder's run)"] = {
+        "bytes_by_ranks": fixed,
+        "bytes_per_param": fixed_bytes / params,
+    }
+    results["FSDP2 fit, net of the fixed bytes"] = {
+        "replicated": replicated - fixed_bytes / params, "sharded": sharded}  # fmt: skip
+    benchmark.extra_info.update(teacher_params=params, blocks=DEEP["num_layers"],
+                                modes={allocator: results})  # fmt: skip
     print(json.dumps(results, indent=1))
