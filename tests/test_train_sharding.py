@@ -230,3 +230,26 @@ def test_a_bfloat16_wan_teacher_on_fsdp2_trains_and_exports_from_the_shards(tmp_
     assert any(
         not torch.equal(v, teacher.state_dict()[k]) for k, v in exported.state_dict().items()
     )
+
+
+def test_a_meanflow_student_built_on_meta_holds_the_folders_rows_and_trains_like_a_whole_one(
+    tmp_path,
+):
+    config = run_yaml(tmp_path, "sd3", parallel="fsdp2")
+    fields = yaml.safe_load(Path(config).read_text())
+    del fields["dmd"]
+    fields |= {"recipe": "meanflow_sd3",
+               "meanflow": {"ema": {"decay": 0.5, "mode": "local_shard"}}}  # fmt: skip
+    Path(config).write_text(yaml.safe_dump(fields))
+    proc = _torchrun(str(WORKER), config, str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))["ranks"]
+    print(ranks)
+    for r in ranks:
+        assert r["networks"] == r["sharded"] == ["student", "teacher"]
+        assert r["student"].endswith("MeanFlowNet") and r["r_rows"] >= 2
+        assert r["student_rows_differ"] == []
+        assert r["whole_copied_for_ema"] is False  # rebuilt from the config instead
+        assert r["meta_vs_whole"] == []
+    assert ranks[0]["ema_student"] == "MeanFlowNet" and ranks[0]["ema_student_vs_ema"] == []
+    assert ranks[0]["exported_r_embedder"] is True

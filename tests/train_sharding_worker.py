@@ -31,6 +31,7 @@ from torch.distributed.tensor import distribute_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runs import differences, full
+from runs import full as full_tensor
 from test_train import state_of
 from workers import finish
 
@@ -168,6 +169,51 @@ def same_file(folder, want, name="diffusion_pytorch_model.safetensors") -> list[
                   or got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k]))  # fmt: skip
 
 
+def meanflow(run) -> dict:
+    """MeanFlow's student built on meta: the folder's rows (``r_embedder`` the timestep MLP's,
+    its last layer zero), the same training as a whole student the trainer shards, the EMA
+    student a plain MeanFlowNet, and its export."""
+    from diffusers import SD3Transformer2DModel
+
+    from fastgen.consistency.networks import MeanFlowNet
+
+    r = run("shards", 2)
+    folder = Path(r.teacher.path) / r.teacher.subfolder
+    full = dict(MeanFlowNet(SD3Transformer2DModel.from_pretrained(str(folder))).state_dict())
+    nets = build_networks(r, r.method_config())
+    student = nets["student"]
+    result = {
+        "networks": sorted(nets),
+        "student": type(student).__name__,
+        "sharded": sorted(n for n, net in nets.items() if is_sharded(net)),
+        "student_rows_differ": _rows_equal(student, full, lambda name: torch.float32),
+        "r_rows": sum("r_embedder" in n for n, _ in student.named_parameters()),
+    }
+    on_meta = build(run("meta", 2))
+    on_meta.fit()
+    build_module = sys.modules["fastgen.train.build"]
+    whole_path = build_module._shards_from_folder
+    build_module._shards_from_folder = lambda run: False  # the trainer shards whole nets
+    try:
+        whole = build(run("whole", 2))
+        result["whole_copied_for_ema"] = whole._ema_net is not None
+        whole.fit()
+    finally:
+        build_module._shards_from_folder = whole_path
+    result["meta_vs_whole"] = differences(state_of(whole), state_of(on_meta))
+    ema = {k: full_tensor(v) for k, v in on_meta.pipeline.ema.sharded_state_dict().items()}
+    plain = on_meta.ema_student(rank0_only=True)
+    exported = on_meta.export()
+    if dist.get_rank() == 0:
+        result["ema_student"] = type(plain).__name__
+        result["ema_student_vs_ema"] = [k for k, v in ema.items()
+                                        if not torch.equal(plain.state_dict()[k], v)]  # fmt: skip
+        result["exported_r_embedder"] = (
+            exported / "transformer" / "r_embedder.safetensors"
+        ).is_file()
+    return result
+
+
 def main() -> None:
     config, out = Path(sys.argv[1]), Path(sys.argv[2])
     fields = yaml.safe_load(config.read_text())
@@ -175,8 +221,8 @@ def main() -> None:
     def run(name: str, steps: int, **extra) -> RunConfig:
         return RunConfig.model_validate(fields | {"out": str(out / name), "steps": steps} | extra)
 
-    if fields.get("lora") is not None:
-        result = lora(run)
+    if fields.get("lora") is not None or fields["recipe"].startswith("meanflow"):
+        result = lora(run) if fields.get("lora") is not None else meanflow(run)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result)
         finish({"ranks": gathered})
@@ -188,7 +234,7 @@ def main() -> None:
     on_meta.fit()
     build_module = sys.modules["fastgen.train.build"]
     whole_path = build_module._shards_from_folder
-    build_module._shards_from_folder = lambda run, dmd: False  # the trainer shards whole nets
+    build_module._shards_from_folder = lambda run: False  # the trainer shards whole nets
     try:
         # and with activation checkpointing: the same gradients, so the same run
         whole = build(run("whole", 2, activation_checkpointing=True))

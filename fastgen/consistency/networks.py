@@ -64,14 +64,26 @@ class MeanFlowNet(nn.Module):
         proj, embed = _embedding_modules(base)
         self.base = base
         self.r_embedder = copy.deepcopy(embed)
-        last = [m for m in self.r_embedder.modules() if isinstance(m, nn.Linear)][-1]
-        with torch.no_grad():
-            last.weight.zero_()
-            if last.bias is not None:
-                last.bias.zero_()
+        self.zero_r_output()
         self._proj = [proj]  # a list: the projection stays the base's submodule, not ours too
         self._delta: Tensor | None = None
         embed.register_forward_hook(self._add_delta)
+
+    @torch.no_grad()
+    def zero_r_output(self) -> None:
+        """Zero ``r_embedder``'s last layer (this rank's shard of it under FSDP2): the network is
+        then ``base`` exactly, at any ``r``."""
+        last = [m for m in self.r_embedder.modules() if isinstance(m, nn.Linear)][-1]
+        for p in last.parameters():
+            (p.to_local() if hasattr(p, "to_local") else p).zero_()
+
+    def weight_sources(self) -> dict[str, str]:
+        """Name prefixes of this network's weights → the base model file's: ``base.`` is the
+        model itself and ``r_embedder.`` starts as its timestep MLP
+        (:func:`fastgen.train.sharding.load_shards`'s ``names``)."""
+        _, embed = _embedding_modules(self.base)
+        path = next(name for name, m in self.base.named_modules() if m is embed)
+        return {"r_embedder.": f"{path}.", "base.": ""}
 
     def _add_delta(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
         return output if self._delta is None else output + self._delta.to(output.dtype)

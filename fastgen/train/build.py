@@ -65,11 +65,11 @@ def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
         from fastgen.consistency.config import MeanFlowConfig, RCMConfig, SCMConfig
         from fastgen.train.folders import default_discriminator, load_teacher
 
-        if _shards_from_folder(run, dmd):
+        if _shards_from_folder(run):
             trainable = ["student"]
             if isinstance(dmd, RCMConfig) or not isinstance(dmd, SCMConfig | MeanFlowConfig):
                 trainable.append("fake_score")
-            nets = _sharded_networks(run, trainable)
+            nets = _sharded_networks(run, trainable, meanflow=isinstance(dmd, MeanFlowConfig))
             if isinstance(dmd, DMDConfig) and dmd.gan_loss_weight_gen > 0:
                 try:
                     nets["discriminator"] = default_discriminator(nets["teacher"])
@@ -117,21 +117,23 @@ def build_networks(run: RunConfig, dmd: Any) -> dict[str, nn.Module]:
     return nets
 
 
-def _shards_from_folder(run: RunConfig, dmd: Any) -> bool:
+def _shards_from_folder(run: RunConfig) -> bool:
     """Whether the run's networks are built on the meta device and filled shard by shard:
-    FSDP2 with a teacher folder (MeanFlow's student is still built whole, then sharded)."""
-    from fastgen.consistency.config import MeanFlowConfig
-
-    return (run.parallel == "fsdp2" and run.teacher is not None
-            and not isinstance(dmd, MeanFlowConfig))  # fmt: skip
+    FSDP2 with a teacher folder."""
+    return run.parallel == "fsdp2" and run.teacher is not None
 
 
-def _sharded_networks(run: RunConfig, trainable: list[str]) -> dict[str, nn.Module]:
+def _sharded_networks(
+    run: RunConfig, trainable: list[str], *, meanflow: bool = False
+) -> dict[str, nn.Module]:
     """The teacher (its dtype) and float32 ``trainable`` copies of it, each built on the meta
     device, sharded per block and filled from the folder's safetensors, this rank's rows only;
-    with ``lora:`` the copies carry adapters, initialised as peft does."""
+    with ``lora:`` the copies carry adapters, initialised as peft does. With ``meanflow`` the
+    student is a :class:`~fastgen.consistency.MeanFlowNet` whose ``r_embedder`` is filled from
+    the timestep MLP's rows, its last layer zero."""
     import torch.distributed as dist
 
+    from fastgen.consistency.networks import MeanFlowNet
     from fastgen.train.folders import _DTYPES, _model_class
     from fastgen.train.lora import add_lora
     from fastgen.train.sharding import (
@@ -163,10 +165,18 @@ def _sharded_networks(run: RunConfig, trainable: list[str]) -> dict[str, nn.Modu
         via = {name: p.dtype for name, p in teacher.named_parameters()}
         for name in trainable:
             net = empty_network(cls, config).eval()
+            if meanflow and name == "student":
+                try:
+                    net = MeanFlowNet(net)
+                except ValueError as err:
+                    raise RunError(f"teacher: {err}") from None
             if run.lora is not None:  # adapters before sharding: FSDP2 shards them too
                 add_lora(net, run.lora)
+            names = net.weight_sources() if isinstance(net, MeanFlowNet) else None
             load_shards(shard_network(net, mp, offload=offload), folder, device, via=via,
-                        skip="lora_", offload=offload)  # fmt: skip
+                        skip="lora_", offload=offload, names=names)  # fmt: skip
+            if isinstance(net, MeanFlowNet):
+                net.zero_r_output()
             nets[name] = init_lora_shards(net) if run.lora is not None else net
     except (OSError, KeyError) as err:
         raise RunError(f"teacher: {_one_line(err)}") from None

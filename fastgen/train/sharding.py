@@ -211,6 +211,7 @@ def load_shards(
     via: dict[str, torch.dtype] | None = None,
     skip: str | None = None,
     offload: bool = False,
+    names: dict[str, str] | None = None,
 ) -> nn.Module:
     """Materialize a sharded (or plain) network built by :func:`empty_network` on ``device`` and
     fill every parameter and persistent buffer from ``folder``'s safetensors: each rank reads
@@ -226,12 +227,21 @@ def load_shards(
             materialized but uninitialised, for the caller.
         offload: The parameters go to host memory and the buffers to ``device`` (a network
             sharded with ``offload=True``: FSDP2 copies each shard over for its all-gather).
+        names: A parameter's name prefix → the file's (a wrapper's submodules: MeanFlow's
+            student reads ``base.`` from ``""`` and ``r_embedder.`` from the timestep MLP's).
 
     Raises:
         KeyError: A parameter the file does not hold, or a tensor of another shape (the message
             names the file and the tensor).
     """
     from safetensors import safe_open
+
+    def in_file(name: str) -> str:
+        name = name.replace(".base_layer.", ".")  # a peft layer's own weights: the file's
+        for prefix, source in (names or {}).items():
+            if name.startswith(prefix):
+                return source + name[len(prefix) :]
+        return name
 
     where = safetensors_files(folder)
     buffers = {n: b.detach().clone() for n, b in net.named_buffers(remove_duplicate=False)}
@@ -245,7 +255,7 @@ def load_shards(
         for name, p in net.named_parameters():
             if skip is not None and skip in name:
                 continue
-            name = name.replace(".base_layer.", ".")  # a peft layer's own weights: the file's
+            name = in_file(name)
             if name not in where:
                 raise KeyError(f"{folder}: no tensor {name!r} in the safetensors files")
             file = where[name]
@@ -270,11 +280,11 @@ def load_shards(
             local.copy_(values.to(local.dtype))
         persistent = set(net.state_dict()) - {n for n, _ in net.named_parameters()}
         for name in persistent:
-            if name in where:
-                file = where[name]
+            if in_file(name) in where:
+                file = where[in_file(name)]
                 if file not in handles:
                     handles[file] = safe_open(str(file), framework="pt")
-                net.get_buffer(name).copy_(handles[file].get_tensor(name))
+                net.get_buffer(name).copy_(handles[file].get_tensor(in_file(name)))
     finally:
         handles.clear()
     return net

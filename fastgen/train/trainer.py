@@ -59,8 +59,24 @@ class CollapseError(RuntimeError):
 
 
 def _rebuildable(net: nn.Module) -> bool:
-    """A diffusers network (adapters and all): its class rebuilds it from ``net.config``."""
+    """A diffusers network (adapters and all; or MeanFlow's wrapper of one): its class rebuilds
+    it from ``net.config`` (:func:`_empty_copy`)."""
+    from fastgen.consistency.networks import MeanFlowNet
+
+    if isinstance(net, MeanFlowNet):
+        return _rebuildable(net.base)
     return type(net).__module__.split(".")[0] == "diffusers" and hasattr(net, "config")
+
+
+def _empty_copy(net: nn.Module) -> nn.Module:
+    """``net``'s network rebuilt on the meta device (a diffusers class from its config; MeanFlow's
+    wrapper around such a one), to be filled with ``load_state_dict(..., assign=True)``."""
+    from fastgen.consistency.networks import MeanFlowNet
+    from fastgen.train.sharding import empty_network
+
+    if isinstance(net, MeanFlowNet):
+        return MeanFlowNet(_empty_copy(net.base))
+    return empty_network(type(net), dict(net.config))
 
 
 def _trainable(net: nn.Module) -> list[nn.Parameter]:
@@ -874,9 +890,7 @@ class Trainer:
         if self._ema_net is not None:  # the copy made before sharding
             self._ema_net.load_state_dict(state)
             return self._ema_net
-        from fastgen.train.sharding import empty_network
-
-        net = empty_network(type(student), dict(student.config))
+        net = _empty_copy(student)
         if has_lora(student):
             add_lora(net, student._fastgen_lora)
         net.load_state_dict(state, assign=True)
