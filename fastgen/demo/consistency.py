@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fastgen.config import SampleTimestepConfig
 from fastgen.consistency import (
+    SIGMA_DATA,
     AdaptiveWeight,
     MeanFlowConfig,
     MeanFlowPipeline,
@@ -40,7 +41,8 @@ class ConsistencySettings:
     times t drawn from ``time_dist`` on [0, 1]; MeanFlow's r drawn like t, or with
     ``r_logit_mean`` from a logit-normal of that mean (then ``t, r = max, min``: a negative mean
     trains the long jumps to r near 0 that the 1-step sampler takes), ``r_sample_ratio`` and
-    the adaptive-weight power; the tangent warmup; how the JVP is taken (``jvp``, ``jvp_fd_step``:
+    the adaptive-weight power; the tangent warmup; sCM's and rCM's TrigFlow ``sigma_data`` (the
+    2-step sampler's middle time follows it); how the JVP is taken (``jvp``, ``jvp_fd_step``:
     the configs' fields of the same names); rCM's DMD2 term: its weight ``dmd_weight``, its
     noise times drawn uniformly on ``[dmd_min_t, 1]``, and the fake score, trained with Adam at
     ``fake_lr`` ``fake_updates`` times before each student update (as DMD2's stages do)."""
@@ -55,6 +57,7 @@ class ConsistencySettings:
     r_logit_mean: float | None = None
     adaptive_weight_power: float = 1.0
     tangent_warmup_steps: int = 0
+    sigma_data: float = SIGMA_DATA
     jvp: Literal["forward", "finite_difference"] = "forward"
     jvp_fd_step: float = 1e-3
     dmd_weight: float = 0.01
@@ -112,6 +115,7 @@ def _scm_config(s: ConsistencySettings) -> dict:
     return dict(
         mode="distillation", pred_type="flow", guidance_scale=s.guidance_scale,
         tangent_warmup_steps=s.tangent_warmup_steps, jvp=s.jvp, jvp_fd_step=s.jvp_fd_step,
+        sigma_data=s.sigma_data,
         sample_t_cfg=_times(s, 1e-3, 0.999),  # the config's default bounds
     )  # fmt: skip
 
@@ -215,11 +219,13 @@ def distill_consistency(
 
 
 def sample_students(
-    method: str, student: nn.Module, noise: Tensor, labels: Tensor, generator: torch.Generator
-) -> dict[str, Tensor]:
+    method: str, student: nn.Module, noise: Tensor, labels: Tensor, generator: torch.Generator,
+    sigma_data: float = SIGMA_DATA,
+) -> dict[str, Tensor]:  # fmt: skip
     """The ``method`` student's 1-step and 2-step samples: MeanFlow jumps along its average
     velocity (``x0 = x1 - u(x1, 0, 1)``; 2 steps through t = 0.5), the consistency models (sCM,
-    rCM) map to x0 and re-noise with fresh noise at sCM's middle time (:func:`scm_t_list`)."""
+    rCM) map to x0 and re-noise with fresh noise at sCM's middle time (:func:`scm_t_list`) in
+    the TrigFlow of ``sigma_data``, the one the student was trained in."""
     with torch.no_grad():
         if method == "meanflow":
             return {
@@ -230,7 +236,11 @@ def sample_students(
             }
         return {
             f"student_{n}step": consistency_sample(
-                student, noise, scm_t_list(n), encoder_hidden_states=labels, generator=generator
+                student,
+                noise,
+                scm_t_list(n, sigma_data=sigma_data),
+                encoder_hidden_states=labels,
+                generator=generator,
             )
             for n in (1, 2)
         }

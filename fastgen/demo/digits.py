@@ -56,12 +56,19 @@ SETTINGS = {"gen_lr": 5e-4, "fake_lr": 1e-3}
 # JVP over 0.05 in t (forward mode, through the teacher's high-frequency time features, left the
 # 1-step student where it started), r drawn towards 0 for the 1-step jump, on every row (no
 # plain flow-matching rows); sCM: lr 5e-4 diverged; rCM: sCM's settings, the DMD2 term weighted
-# 10 (at 0.01 the sCM term dominates and the student degrades like sCM's).
+# 10 (at 0.01 the sCM term dominates and the student degrades like sCM's). sCM and rCM take the
+# same finite-difference JVP: through the teacher's time features (frequencies up to 2^7 pi)
+# the exact dF/dt is mostly a fast wiggle at high t (at t = 0.8, twice the derivative smoothed
+# over 0.01 in angle and at cosine 0.19 to it, and 4x the rest of the tangent), which the
+# forward-mode tangent followed. Their sigma_d is the digits' std (0.75 in [-1, 1], not sCM's
+# 0.5), which also puts the 2-step sampler's middle time (angle 1.1) at t = 0.596, not 0.496.
+SCM_COMMON = {"lr": 2e-4, "tangent_warmup_steps": 100, "jvp": "finite_difference",
+              "jvp_fd_step": 0.05, "sigma_data": 0.75}  # fmt: skip
 CONSISTENCY = {
     "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 1.0, "r_logit_mean": -2.0,
                  "jvp": "finite_difference", "jvp_fd_step": 0.05},
-    "scm": {"lr": 2e-4, "tangent_warmup_steps": 100},
-    "rcm": {"lr": 2e-4, "tangent_warmup_steps": 100, "dmd_weight": 10.0, "fake_updates": 5},
+    "scm": SCM_COMMON,
+    "rcm": SCM_COMMON | {"dmd_weight": 10.0, "fake_updates": 5},
 }  # fmt: skip
 
 
@@ -152,7 +159,9 @@ def run(args, rt: Runtime, start: float) -> dict | None:
             ),
         }
         if method != "dmd2":
-            return out | consistency.sample_students(method, student, noise, labels, gen)
+            return out | consistency.sample_students(
+                method, student, noise, labels, gen, settings.sigma_data
+            )
         return out | {
             "student_1step": student_sample(student_1, noise, one_step, labels),
             # fresh noise between rungs, as backward simulation trains them (measured: FD 4.6
@@ -227,8 +236,9 @@ def run(args, rt: Runtime, start: float) -> dict | None:
         result["t_list_4step"] = four_step
     else:
         result["t_list_2step"] = (
-            consistency.MEANFLOW_2STEP if method == "meanflow" else consistency.scm_t_list(2)
-        )
+            consistency.MEANFLOW_2STEP if method == "meanflow"
+            else consistency.scm_t_list(2, sigma_data=settings.sigma_data)
+        )  # fmt: skip
         result["updates"] = budget.consistency_updates
     return result
 
