@@ -86,8 +86,15 @@ def _distill(args: argparse.Namespace) -> int:
     if folder is not None:
         print(f"exported the student to {folder}")
     if trainer.world > 1:
+        import gc
+
         import torch.distributed as dist
 
+        # DDP's reducers go while the process group is alive: freed at interpreter exit, one can
+        # drop the group's last reference there, and gloo's destructor then joins a thread that
+        # waits for the GIL the exiting thread holds
+        del trainer
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return 0
