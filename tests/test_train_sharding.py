@@ -250,6 +250,7 @@ def test_a_meanflow_student_built_on_meta_holds_the_folders_rows_and_trains_like
         assert r["student"].endswith("MeanFlowNet") and r["r_rows"] >= 2
         assert r["student_rows_differ"] == []
         assert r["whole_copied_for_ema"] is False  # rebuilt from the config instead
+        assert r["whole_offloaded"] is True
         assert r["meta_vs_whole"] == []
     assert ranks[0]["ema_student"] == "MeanFlowNet" and ranks[0]["ema_student_vs_ema"] == []
     assert ranks[0]["exported_r_embedder"] is True

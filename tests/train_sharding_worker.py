@@ -171,8 +171,8 @@ def same_file(folder, want, name="diffusion_pytorch_model.safetensors") -> list[
 
 def meanflow(run) -> dict:
     """MeanFlow's student built on meta: the folder's rows (``r_embedder`` the timestep MLP's,
-    its last layer zero), the same training as a whole student the trainer shards, the EMA
-    student a plain MeanFlowNet, and its export."""
+    its last layer zero), the same training as a whole student the trainer shards (with CPU
+    offload), the EMA student a plain MeanFlowNet, and its export."""
     from diffusers import SD3Transformer2DModel
 
     from fastgen.consistency.networks import MeanFlowNet
@@ -195,8 +195,10 @@ def meanflow(run) -> dict:
     whole_path = build_module._shards_from_folder
     build_module._shards_from_folder = lambda run: False  # the trainer shards whole nets
     try:
-        whole = build(run("whole", 2))
+        # and offloaded, as the trainer shards it: the same run
+        whole = build(run("whole", 2, cpu_offload=True))
         result["whole_copied_for_ema"] = whole._ema_net is not None
+        result["whole_offloaded"] = is_offloaded(whole.pipeline.student)
         whole.fit()
     finally:
         build_module._shards_from_folder = whole_path
