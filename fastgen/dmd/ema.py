@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from fastgen.dmd.config import EMAConfig
-from fastgen.dmd.state import _is_lora_network
 
 __all__ = ["ExponentialMovingAverage", "ema_decay"]
 
@@ -50,6 +49,12 @@ def ema_decay(cfg: EMAConfig, iteration: int) -> float:
     if cfg.rampup_ratio is not None:
         halflife_nimg = min(halflife_nimg, iteration * cfg.batch_size * cfg.rampup_ratio)
     return 0.5 ** (cfg.batch_size / max(halflife_nimg, 1e-8))
+
+
+def _is_lora_network(named: list[tuple[str, Tensor]]) -> bool:
+    """Whether a network's ``named_parameters()`` hold peft LoRA adapters (``lora_``): what the
+    EMA and the checkpoints keep of it is the adapters."""
+    return any("lora_" in name for name, _ in named)
 
 
 def _is_dtensor(t: Tensor) -> bool:

@@ -9,14 +9,12 @@ A LoRA network's state is what trains: its frozen base is the teacher's weights,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
+from fastgen.dmd.ema import ExponentialMovingAverage, _is_lora_network
 from fastgen.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from fastgen.dmd.ema import ExponentialMovingAverage
 
 __all__ = [
     "check_state",
@@ -33,11 +31,6 @@ def _inner(net: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return net
         net = inner
-
-
-def _is_lora_network(named: list[tuple[str, Tensor]]) -> bool:
-    """Whether a network's ``named_parameters()`` hold peft LoRA adapters (``lora_``)."""
-    return any("lora_" in name for name, _ in named)
 
 
 def _trained_only(net: nn.Module) -> set[str] | None:
