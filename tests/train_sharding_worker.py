@@ -22,6 +22,7 @@ EMA student carries the adapters.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +40,19 @@ from fastgen.train import RunConfig, build
 from fastgen.train.build import build_networks
 from fastgen.train.lora import merged
 from fastgen.train.sharding import is_offloaded, is_sharded
+
+
+@contextmanager
+def whole_networks():
+    """``build`` loads whole networks from the folder and the trainer shards them (the path
+    before meta-device construction), inside the block."""
+    build_module = sys.modules["fastgen.train.build"]
+    from_folder = build_module._shards_from_folder
+    build_module._shards_from_folder = lambda run: False
+    try:
+        yield
+    finally:
+        build_module._shards_from_folder = from_folder
 
 
 def _rows_equal(net, full: dict[str, torch.Tensor], dtype_of) -> list[str]:
@@ -191,17 +205,11 @@ def meanflow(run) -> dict:
     }
     on_meta = build(run("meta", 2))
     on_meta.fit()
-    build_module = sys.modules["fastgen.train.build"]
-    whole_path = build_module._shards_from_folder
-    build_module._shards_from_folder = lambda run: False  # the trainer shards whole nets
-    try:
-        # and offloaded, as the trainer shards it: the same run
+    with whole_networks():  # and offloaded, as the trainer shards it: the same run
         whole = build(run("whole", 2, cpu_offload=True))
         result["whole_copied_for_ema"] = whole._ema_net is not None
         result["whole_offloaded"] = is_offloaded(whole.pipeline.student)
         whole.fit()
-    finally:
-        build_module._shards_from_folder = whole_path
     result["meta_vs_whole"] = differences(state_of(whole), state_of(on_meta))
     ema = {k: full_tensor(v) for k, v in on_meta.pipeline.ema.sharded_state_dict().items()}
     plain = on_meta.ema_student(rank0_only=True)
@@ -234,19 +242,13 @@ def main() -> None:
 
     on_meta = build(run("meta", 2))
     on_meta.fit()
-    build_module = sys.modules["fastgen.train.build"]
-    whole_path = build_module._shards_from_folder
-    build_module._shards_from_folder = lambda run: False  # the trainer shards whole nets
-    try:
-        # and with activation checkpointing: the same gradients, so the same run
+    with whole_networks():  # and with activation checkpointing: the same gradients, same run
         whole = build(run("whole", 2, activation_checkpointing=True))
         result["checkpointed_blocks"] = sum(
             getattr(b, "_checkpointed", False) for b in whole._plain_student.modules()
         )
         result["whole_is_sharded_by_the_trainer"] = is_sharded(whole.pipeline.teacher)
         whole.fit()
-    finally:
-        build_module._shards_from_folder = whole_path
     result["meta_vs_whole"] = differences(state_of(whole), state_of(on_meta))
     # FSDP2's CPU offload, and the EMA's: the same run (host memory is all gloo has)
     ema = fields["dmd"]["ema"] | {"cpu_offload": True}
