@@ -139,6 +139,10 @@ def test_lora_networks_built_on_meta_hold_the_folders_base_and_sharded_adapters(
         s = r["shards"]
         assert s["base_rows_differ"] == [] and s["a_rows_differ"] == []
         assert s["trainable"] == ["default"] and s["b_nonzero"] == 0 and s["a_count"] > 4
+        for copy in s["bfloat16"]["student"], s["bfloat16"]["fake_score"]:
+            assert copy["base_vs_teacher"] == [] and copy["adapter_dtypes"] == ["torch.float32"]
+            assert "torch.bfloat16" in copy["base_dtypes"]
+        assert s["bfloat16"]["changed"] == ["default"]  # one step moves the adapters only
         assert r["resumed_from"] == 2 and r["resumed_vs_straight"] == [] and r["tensors"] > 100
     assert ranks[0]["ema_student_adapters"] == ranks[0]["shards"]["a_count"]
     # streamed and merged on the way: bitwise the merged gathered copy, the adapter peft's

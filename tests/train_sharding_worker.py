@@ -126,6 +126,34 @@ def lora_shards(run: RunConfig) -> dict:
                                             src_data_rank=None).to_local())
     ]  # fmt: skip
     out["a_count"] = sum("lora_A" in n for n in want)
+    out["bfloat16"] = bf16_lora_copies(run)
+    return out
+
+
+def bf16_lora_copies(run: RunConfig) -> dict:
+    """With a bfloat16 teacher, the LoRA copies' base is the teacher's rows in its dtype (no
+    float32 copy of what never trains), the adapters float32; a step trains the adapters only."""
+    fields = run.model_dump() | {"precision": "bf16", "steps": 1}
+    fields["teacher"] |= {"dtype": "bfloat16"}
+    r = RunConfig.model_validate(fields)
+    nets = build_networks(r, r.method_config())
+    teacher = {n: p.to_local() for n, p in nets["teacher"].named_parameters()}
+    out = {}
+    for name in ("student", "fake_score"):
+        params = dict(nets[name].named_parameters())
+        base = {n.replace(".base_layer.", "."): p for n, p in params.items() if "lora_" not in n}
+        out[name] = {
+            "base_vs_teacher": [n for n, p in base.items() if p.dtype != teacher[n].dtype
+                                or not torch.equal(p.to_local(), teacher[n])],
+            "base_dtypes": sorted({str(p.dtype) for p in base.values()}),
+            "adapter_dtypes": sorted({str(p.dtype) for n, p in params.items() if "lora_" in n}),
+        }  # fmt: skip
+    trainer = build(r)
+    before = {n: full(p).clone() for n, p in trainer.pipeline.student.named_parameters()}
+    trainer.fit()
+    after = {n: full(p) for n, p in trainer.pipeline.student.named_parameters()}
+    out["changed"] = sorted({n.split(".")[-2] for n in before
+                             if not torch.equal(before[n], after[n])})  # fmt: skip
     return out
 
 

@@ -128,7 +128,8 @@ def _sharded_networks(
 ) -> dict[str, nn.Module]:
     """The teacher (its dtype) and float32 ``trainable`` copies of it, each built on the meta
     device, sharded per block and filled from the folder's safetensors, this rank's rows only;
-    with ``lora:`` the copies carry adapters, initialised as peft does. With ``meanflow`` the
+    with ``lora:`` the copies keep the base in the teacher's dtype and carry float32 adapters,
+    initialised as peft does. With ``meanflow`` the
     student is a :class:`~fastgen.consistency.MeanFlowNet` whose ``r_embedder`` is filled from
     the timestep MLP's rows, its last layer zero."""
     import torch.distributed as dist
@@ -158,13 +159,17 @@ def _sharded_networks(
     except (OSError, ValueError) as err:
         raise RunError(_one_line(err)) from None
     mp, offload = mixed_precision(run.precision), run.cpu_offload
+    # with LoRA nothing of the base trains: the copies keep it in the teacher's dtype, as the
+    # one shared base does without FSDP2 (bf16: 2 bytes per parameter each, not 4)
+    teacher_dtype = _DTYPES[run.teacher.dtype]
+    base_dtype = teacher_dtype if run.lora is not None else torch.float32
     try:
-        teacher = empty_network(cls, config, _DTYPES[run.teacher.dtype]).requires_grad_(False)
+        teacher = empty_network(cls, config, teacher_dtype).requires_grad_(False)
         shard_network(teacher.eval(), mp, offload=offload)
         nets = {"teacher": load_shards(teacher, folder, device, offload=offload)}
         via = {name: p.dtype for name, p in teacher.named_parameters()}
         for name in trainable:
-            net = empty_network(cls, config).eval()
+            net = empty_network(cls, config, base_dtype).eval()
             if meanflow and name == "student":
                 try:
                     net = MeanFlowNet(net)

@@ -10,7 +10,8 @@ like this:
 3. :func:`load_shards`: each parameter's local rows read from the safetensors file by slice
    (``safe_open(...).get_slice``), so a rank reads only its own rows and never holds more than
    its shards: the student and fake score are float32 copies of the teacher's rows (rounded to
-   the teacher's dtype first, as ``teacher.to(float32)`` would be).
+   the teacher's dtype first, as ``teacher.to(float32)`` would be); with LoRA their frozen
+   base keeps the teacher's dtype and only the adapters are float32.
 
 :func:`gathered_state_dict` goes the other way for the export: one parameter at a time is
 all-gathered and kept (on CPU) by rank 0 only; :func:`merged_gathered` merges LoRA layers on
