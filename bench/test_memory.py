@@ -7,8 +7,8 @@ peak resident memory (``ru_maxrss``) minus its resident memory once torch, diffu
 the model class are imported. The modes: 1 process; FSDP2 on 1, 2 and 4 ranks (fitted as
 ``replicated + sharded / N``); FSDP2 on 2 ranks with activation checkpointing; LoRA (rank 16)
 on 1 process with a float32 and a bfloat16 teacher (saved in bfloat16, ``precision: bf16``),
-and on 2 FSDP2 ranks. And FSDP2 on 1, 2 and 4 ranks of a teacher of the same size in 24
-blocks (:data:`DEEP`), where what stays replicated is a smaller share of the model.
+and on 2 FSDP2 ranks with each. And FSDP2 on 1, 2 and 4 ranks of a teacher of the same size in
+24 blocks (:data:`DEEP`), where what stays replicated is a smaller share of the model.
 
 Each mode is measured twice: with glibc's default allocator, whose heap keeps freed blocks
 (what a CPU process shows), and with ``MALLOC_MMAP_THRESHOLD_=65536``, which returns every
@@ -56,6 +56,15 @@ MODES = {
         {"lora": {"rank": 16}, "teacher_dtype": "bfloat16", "precision": "bf16"},
     ),
     "LoRA, FSDP2 x2": (2, {"parallel": "fsdp2", "lora": {"rank": 16}}),
+    "LoRA, FSDP2 x2, bf16 teacher": (
+        2,
+        {
+            "parallel": "fsdp2",
+            "lora": {"rank": 16},
+            "teacher_dtype": "bfloat16",
+            "precision": "bf16",
+        },
+    ),
 }
 SMOKE_MODES = ["1 process", "FSDP2 x2"]
 # The same size in 24 blocks of width 256 (56M parameters): what FSDP2 keeps gathered is a

@@ -5,7 +5,8 @@
 
 - **networks**: ``teacher:`` loads a diffusers folder (``from_pretrained``); the student and the
   fake score start as float32 copies of it (with ``lora:``, the teacher's own weights under
-  each one's adapters: one base in memory), and with the GAN branch a token discriminator
+  each one's adapters: one base in memory; under FSDP2, sharded copies of the base in the
+  teacher's dtype), and with the GAN branch a token discriminator
   reads its middle block. ``model: "module:function"`` calls ``function(run)`` for a dict with
   ``teacher`` and optionally ``student``, ``fake_score``, ``discriminator``;
 - **data**: ``data: {cache, batch_size}`` streams a latent cache (this rank's share);

@@ -249,7 +249,8 @@ class TeacherConfig(BaseModel):
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """The teacher's weights; student and fake score are float32 copies (with ``lora:``, the
-    teacher's weights themselves under float32 adapters). bf16/fp16 halve the teacher's memory
+    teacher's weights themselves under float32 adapters; under FSDP2, copies of them in this
+    dtype). bf16/fp16 halve the teacher's memory
     and need ``precision: bf16``."""
 
 
