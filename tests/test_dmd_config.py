@@ -146,9 +146,9 @@ def test_list_recipes_names_the_yaml_files_without_suffix():
 
 
 def test_list_recipes_drops_only_the_last_suffix(tmp_path, monkeypatch):
-    from fastgen.dmd import recipes
+    from fastgen.dmd import recipe_files
 
     for name in ("b.yaml", "a.v2.yaml", "c.yml", "notes.txt"):
         (tmp_path / name).write_text("")
-    monkeypatch.setattr(recipes, "_BUILTIN", tmp_path)
+    monkeypatch.setattr(recipe_files, "_BUILTIN", tmp_path)
     assert fastgen.list_recipes() == ["a.v2", "b"]

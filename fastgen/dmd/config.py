@@ -210,9 +210,9 @@ class DMDConfig(DistillationConfig):
 
         See :func:`fastgen.dmd.load_dmd_config`.
         """
-        from fastgen.dmd.recipes import load_dmd_config
+        from fastgen.dmd.recipe_files import load_config
 
-        return load_dmd_config(path)
+        return cls.model_validate(load_config(path))
 
     def to_yaml(self) -> str:
         """The config as YAML text that :meth:`from_yaml` loads back to an equal config."""

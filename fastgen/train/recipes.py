@@ -21,7 +21,7 @@ from typing import Any
 
 from fastgen.consistency.config import MeanFlowConfig, RCMConfig, SCMConfig
 from fastgen.dmd.config import DMDConfig
-from fastgen.dmd.recipes import _read, _resolve
+from fastgen.dmd.recipe_files import _read, _resolve
 
 __all__ = [
     "METHODS",
