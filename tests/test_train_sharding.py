@@ -16,6 +16,7 @@ import yaml
 from families import WAN, build, run_yaml
 
 from fastgen.train.sharding import (
+    BLOCK_VARIANTS,
     blocks,
     checkpoint_blocks,
     empty_network,
@@ -258,3 +259,20 @@ def test_a_meanflow_student_built_on_meta_holds_the_folders_rows_and_trains_like
         assert r["meta_vs_whole"] == []
     assert ranks[0]["ema_student"] == "MeanFlowNet" and ranks[0]["ema_student_vs_ema"] == []
     assert ranks[0]["exported_r_embedder"] is True
+
+
+def test_compile_under_fsdp2_compiles_each_block_whole_and_trains_like_eager(tmp_path):
+    """FSDP2's hooks cannot be traced: with ``compile: true`` every transformer block compiles
+    whole (one graph per variant, no break), DMD2 and sCM's forward-mode JVP alike, and the run
+    is the eager run, bitwise."""
+    config = run_yaml(tmp_path, "sd3", parallel="fsdp2")
+    worker = Path(__file__).with_name("compile_fsdp2_worker.py")
+    proc = _torchrun(str(worker), config, str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))["ranks"]
+    for r in ranks:
+        for method in ("dmd2", "scm"):
+            got = r[method]
+            assert got["compiled_blocks"] == got["blocks"] > 0, (method, got)
+            assert 0 < got["graphs"] <= BLOCK_VARIANTS, (method, got)
+            assert got["compiled_vs_eager"] == [], (method, got)

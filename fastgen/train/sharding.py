@@ -21,9 +21,10 @@ the whole network.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "blocks",
+    "BLOCK_VARIANTS",
     "checkpoint_blocks",
+    "compiled_block",
     "empty_network",
     "gathered_state_dict",
     "init_lora_shards",
@@ -80,6 +83,39 @@ def checkpoint_blocks(net: nn.Module) -> nn.Module:
         if not getattr(block, "_checkpointed", False):
             block.__class__ = _checkpointed(type(block))
     return net
+
+
+def compiled_block(forward: Callable) -> Callable:
+    """``forward`` compiled whole (``fullgraph=True``), for a transformer block under FSDP2.
+
+    Every block of a class shares one code object, so its graphs are kept per variant: the
+    block's kind (a last block without context outputs), train or eval, frozen or trainable
+    weights, grad mode, for the teacher, the student and the fake score. That is up to 16 for
+    SD3's joint blocks, over dynamo's default limit of 8; the limit is raised to
+    :data:`BLOCK_VARIANTS` for these calls only. Inside a ``torch.func`` transform (the
+    consistency family's forward-mode JVP of the student) the block runs eagerly: dynamo does
+    not trace a compiled region called from within one.
+
+    Args:
+        forward: The block's bound ``forward`` (FSDP2's hooks run around it, in eager).
+
+    Returns:
+        The function to set as the block's ``forward``.
+    """
+    graph = torch.compile(forward, fullgraph=True)
+
+    @functools.wraps(forward)
+    def call(*args, **kwargs):
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return forward(*args, **kwargs)
+        with torch._dynamo.config.patch(recompile_limit=BLOCK_VARIANTS):
+            return graph(*args, **kwargs)
+
+    return call
+
+
+#: graphs one block class may compile to under FSDP2 (see :func:`compiled_block`)
+BLOCK_VARIANTS = 32
 
 
 def is_sharded(net: nn.Module) -> bool:

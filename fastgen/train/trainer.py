@@ -36,7 +36,9 @@ from fastgen.train.monitor import Monitor, encode_prompts, load_decoder, pipelin
 from fastgen.train.preemption import Preempted, PreemptionNotice
 from fastgen.train.recipes import method_of
 from fastgen.train.sharding import (
+    blocks,
     checkpoint_blocks,
+    compiled_block,
     gathered_state_dict,
     is_sharded,
     mixed_precision,
@@ -251,7 +253,13 @@ class Trainer:
             self.losses["fake_score"] = pipe.compute_fake_score_loss
         if discriminator is not None:
             self.losses["discriminator"] = pipe.compute_discriminator_loss
-        if run.compile:
+        if run.compile and run.parallel == "fsdp2":
+            # dynamo does not trace FSDP2's hooks (they are marked to be skipped), so a loss
+            # cannot be one graph: each transformer block compiles whole, the hooks run around it
+            for net in nets:
+                for block in blocks(net):
+                    block.forward = compiled_block(block.forward)
+        elif run.compile:
             # DDP's own forward cannot be traced whole: graph breaks around it there.
             full = run.parallel != "ddp"
             self.losses = {k: torch.compile(f, fullgraph=full) for k, f in self.losses.items()}
