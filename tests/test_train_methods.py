@@ -271,6 +271,29 @@ def test_distill_by_recipe_exports_and_samples(tmp_path, method, capsys):
     assert saved["t_list"] == settings["t_list"]
 
 
+def test_a_meanflow_lora_student_on_a_bf16_base_trains_its_r_embedding_in_float32(tmp_path):
+    """With a bf16 teacher the LoRA base stays bf16, but MeanFlow's new embedding of t - r trains
+    in float32 (it was a bf16 copy of the timestep MLP), like the adapters."""
+    pytest.importorskip("diffusers")
+    from fastgen.train import build as build_run
+
+    config = yaml.safe_load(open(run_yaml(tmp_path, "sd3", recipe="meanflow_sd3", dmd={},
+                                          lora={"rank": 2, "target_modules": ["to_q", "to_v"]})))  # fmt: skip
+    config["teacher"]["dtype"], config["precision"] = "bfloat16", "bf16"
+    trainer = build_run(RunConfig.model_validate(config))
+    student = trainer.pipeline.student
+    r_dtypes = {p.dtype for p in student.r_embedder.parameters()}
+    assert r_dtypes == {torch.float32}
+    assert all(p.requires_grad for p in student.r_embedder.parameters())
+    base = [p for n, p in student.base.named_parameters() if "lora_" not in n]
+    assert torch.bfloat16 in {p.dtype for p in base} and not any(p.requires_grad for p in base)
+    before = [p.detach().clone() for p in student.r_embedder.parameters()]
+    trainer.fit()  # and it trains
+    after = list(student.r_embedder.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all(torch.isfinite(p).all() for p in after)
+
+
 def test_a_bad_field_of_the_methods_section_is_one_line(tmp_path, capsys):
     pytest.importorskip("diffusers")
     config = run_yaml(tmp_path, "sd3", recipe="meanflow_sd3", dmd={},

@@ -257,6 +257,8 @@ def test_a_meanflow_student_built_on_meta_holds_the_folders_rows_and_trains_like
         assert r["whole_copied_for_ema"] is False  # rebuilt from the config instead
         assert r["whole_offloaded"] is True
         assert r["meta_vs_whole"] == []
+        assert r["bf16_lora_dtypes"]["r_embedder."] == ["torch.float32"]
+        assert "torch.bfloat16" in r["bf16_lora_dtypes"]["base."]
     assert ranks[0]["ema_student"] == "MeanFlowNet" and ranks[0]["ema_student_vs_ema"] == []
     assert ranks[0]["exported_r_embedder"] is True
 

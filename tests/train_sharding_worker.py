@@ -231,6 +231,16 @@ def meanflow(run) -> dict:
         "student_rows_differ": _rows_equal(student, full, lambda name: torch.float32),
         "r_rows": sum("r_embedder" in n for n, _ in student.named_parameters()),
     }
+    # a bf16 teacher with LoRA: the base stays bf16, the new embedding of t - r is float32
+    fields = r.model_dump() | {"precision": "bf16", "lora": {"rank": 2}}
+    fields["teacher"] |= {"dtype": "bfloat16"}
+    bf16 = RunConfig.model_validate(fields)
+    lora_student = build_networks(bf16, bf16.method_config())["student"]
+    result["bf16_lora_dtypes"] = {
+        part: sorted({str(p.dtype) for n, p in lora_student.named_parameters()
+                      if n.startswith(part) and "lora_" not in n})
+        for part in ("r_embedder.", "base.")
+    }  # fmt: skip
     on_meta = build(run("meta", 2))
     on_meta.fit()
     with whole_networks():  # and offloaded, as the trainer shards it: the same run
