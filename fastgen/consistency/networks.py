@@ -47,8 +47,8 @@ class MeanFlowNet(nn.Module):
 
     ``timestep`` and ``r`` come on the network's own scale (diffusers' 0..1000, or 0..1 for
     Qwen-Image, whose projection scales inside). The embedding's output is added in its dtype
-    (the model's); ``MLP_r`` starts as a copy of the model's timestep MLP with its last layer
-    zero, so ``MeanFlowNet(base)`` predicts exactly what ``base`` does at any ``r``.
+    (the model's); ``MLP_r`` starts as a float32 copy of the model's timestep MLP (it trains,
+    also on a bf16 LoRA base) with its last layer zero, so ``MeanFlowNet(base)`` predicts exactly what ``base`` does at any ``r``.
 
     Args:
         base: A diffusers transformer (SD3, Flux, Wan, Qwen-Image, ...), taken over (not copied).
@@ -63,7 +63,7 @@ class MeanFlowNet(nn.Module):
             raise TypeError(f"base must be an nn.Module, got {type(base).__name__}")
         proj, embed = _embedding_modules(base)
         self.base = base
-        self.r_embedder = copy.deepcopy(embed)
+        self.r_embedder = copy.deepcopy(embed).float()  # it trains: float32, whatever the base
         self.zero_r_output()
         self._proj = [proj]  # a list: the projection stays the base's submodule, not ours too
         self._delta: Tensor | None = None

@@ -176,7 +176,6 @@ def _sharded_networks(
                     net = MeanFlowNet(net)
                 except ValueError as err:
                     raise RunError(f"teacher: {err}") from None
-                net.r_embedder.float()  # it trains (with LoRA too): float32, not the base's dtype
             if run.lora is not None:  # adapters before sharding: FSDP2 shards them too
                 add_lora(net, run.lora)
             names = net.weight_sources() if isinstance(net, MeanFlowNet) else None

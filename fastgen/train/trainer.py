@@ -174,10 +174,6 @@ class Trainer:
                     add_lora(net, run.lora)
             if hasattr(student, "r_embedder"):  # MeanFlow's embedding of t - r is new: it trains
                 student.r_embedder.requires_grad_(True)
-                if not is_sharded(student) and any(  # in float32, not the shared base's dtype
-                    p.dtype != torch.float32 for p in student.r_embedder.parameters()
-                ):
-                    student.r_embedder.float()
         else:
             student.requires_grad_(True)
         student.train()
