@@ -139,6 +139,10 @@ def test_lora_networks_built_on_meta_hold_the_folders_base_and_sharded_adapters(
     for r in ranks:
         s = r["shards"]
         assert s["base_rows_differ"] == [] and s["a_rows_differ"] == []
+        # one base: every frozen shard of student and fake score is the teacher's storage
+        assert s["base_not_teachers"] == [] and s["bfloat16"]["base_not_teachers"] == []
+        assert s["bfloat16"]["trained_base_not_teachers"] == []
+        assert s["bfloat16"]["teacher_changed"] == []
         assert s["trainable"] == ["default"] and s["b_nonzero"] == 0 and s["a_count"] > 4
         for copy in s["bfloat16"]["student"], s["bfloat16"]["fake_score"]:
             assert copy["base_vs_teacher"] == [] and copy["adapter_dtypes"] == ["torch.float32"]

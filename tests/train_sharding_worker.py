@@ -106,6 +106,7 @@ def lora_shards(run: RunConfig) -> dict:
     base = {n.replace(".base_layer.", "."): p
             for n, p in student.named_parameters() if "lora_" not in n}  # fmt: skip
     out = {
+        "base_not_teachers": not_shared(nets),
         "base_rows_differ": [n for n, p in base.items() if not torch.equal(
             p.to_local(), distribute_tensor(full[n], p.device_mesh, p.placements,
                                             src_data_rank=None).to_local())],
@@ -130,6 +131,33 @@ def lora_shards(run: RunConfig) -> dict:
     return out
 
 
+def storage(p: torch.Tensor) -> int:
+    """Where a parameter's local shard lives (0 for an empty shard)."""
+    return p.to_local().untyped_storage().data_ptr()
+
+
+def not_shared(nets: dict) -> list[str]:
+    """The frozen parameters of the student and the fake score whose shard is not the
+    teacher's own storage, nor their FSDP2 all-gather input (one base in memory)."""
+    from fastgen.train.sharding import _fsdp_params
+
+    teacher = dict(nets["teacher"].named_parameters())
+    out = []
+    for name in ("student", "fake_score"):
+        records = _fsdp_params(nets[name])
+        for prefix, module in nets[name].named_modules():
+            for key, p in module._parameters.items():
+                if p is None or p.requires_grad:
+                    continue
+                full = f"{prefix}.{key}" if prefix else key
+                t = teacher[full.replace(".base_layer.", ".")]
+                gathered = records[id(module), key]._sharded_param_data
+                if t.to_local().numel() and (storage(p) != storage(t) or
+                                             gathered.untyped_storage().data_ptr() != storage(t)):
+                    out.append(f"{name}.{full}")
+    return out
+
+
 def bf16_lora_copies(run: RunConfig) -> dict:
     """With a bfloat16 teacher, the LoRA copies' base is the teacher's rows in its dtype (no
     float32 copy of what never trains), the adapters float32; a step trains the adapters only."""
@@ -148,12 +176,19 @@ def bf16_lora_copies(run: RunConfig) -> dict:
             "base_dtypes": sorted({str(p.dtype) for p in base.values()}),
             "adapter_dtypes": sorted({str(p.dtype) for n, p in params.items() if "lora_" in n}),
         }  # fmt: skip
+    out["base_not_teachers"] = not_shared(nets)
     trainer = build(r)
-    before = {n: full(p).clone() for n, p in trainer.pipeline.student.named_parameters()}
+    pipe = trainer.pipeline
+    before = {n: full(p).clone() for n, p in pipe.student.named_parameters()}
+    teacher_before = {n: full(p).clone() for n, p in pipe.teacher.named_parameters()}
     trainer.fit()
-    after = {n: full(p) for n, p in trainer.pipeline.student.named_parameters()}
+    after = {n: full(p) for n, p in pipe.student.named_parameters()}
     out["changed"] = sorted({n.split(".")[-2] for n in before
                              if not torch.equal(before[n], after[n])})  # fmt: skip
+    out["teacher_changed"] = [n for n, q in pipe.teacher.named_parameters()
+                              if not torch.equal(full(q), teacher_before[n])]  # fmt: skip
+    out["trained_base_not_teachers"] = not_shared(
+        {"teacher": pipe.teacher, "student": pipe.student, "fake_score": pipe.fake_score})
     return out
 
 

@@ -5,8 +5,8 @@
 
 - **networks**: ``teacher:`` loads a diffusers folder (``from_pretrained``); the student and the
   fake score start as float32 copies of it (with ``lora:``, the teacher's own weights under
-  each one's adapters: one base in memory; under FSDP2, sharded copies of the base in the
-  teacher's dtype), and with the GAN branch a token discriminator
+  each one's adapters: one base in memory; under FSDP2 too, each rank's shards of the base
+  are the teacher's own), and with the GAN branch a token discriminator
   reads its middle block. ``model: "module:function"`` calls ``function(run)`` for a dict with
   ``teacher`` and optionally ``student``, ``fake_score``, ``discriminator``;
 - **data**: ``data: {cache, batch_size}`` streams a latent cache (this rank's share);
@@ -129,8 +129,9 @@ def _sharded_networks(
 ) -> dict[str, nn.Module]:
     """The teacher (its dtype) and float32 ``trainable`` copies of it, each built on the meta
     device, sharded per block and filled from the folder's safetensors, this rank's rows only;
-    with ``lora:`` the copies keep the base in the teacher's dtype and carry float32 adapters,
-    initialised as peft does. With ``meanflow`` the
+    with ``lora:`` the copies' frozen base is the teacher's own shards (one base in memory,
+    :func:`~fastgen.train.sharding.share_shards`) and they carry float32 adapters, initialised
+    as peft does. With ``meanflow`` the
     student is a :class:`~fastgen.consistency.MeanFlowNet` whose ``r_embedder`` is filled from
     the timestep MLP's rows, its last layer zero."""
     import torch.distributed as dist
@@ -160,8 +161,8 @@ def _sharded_networks(
     except (OSError, ValueError) as err:
         raise RunError(_one_line(err)) from None
     mp, offload = mixed_precision(run.precision), run.cpu_offload
-    # with LoRA nothing of the base trains: the copies keep it in the teacher's dtype, as the
-    # one shared base does without FSDP2 (bf16: 2 bytes per parameter each, not 4)
+    # with LoRA nothing of the base trains: the copies' base is the teacher's shards, so it
+    # is built in the teacher's dtype
     teacher_dtype = _DTYPES[run.teacher.dtype]
     base_dtype = teacher_dtype if run.lora is not None else torch.float32
     try:
@@ -178,9 +179,13 @@ def _sharded_networks(
                     raise RunError(f"teacher: {err}") from None
             if run.lora is not None:  # adapters before sharding: FSDP2 shards them too
                 add_lora(net, run.lora)
+                if isinstance(net, MeanFlowNet):  # its new embedding of t - r trains
+                    net.r_embedder.requires_grad_(True)
             names = net.weight_sources() if isinstance(net, MeanFlowNet) else None
+            # with LoRA the frozen base is the teacher's own shards (one base in memory)
             load_shards(shard_network(net, mp, offload=offload), folder, device, via=via,
-                        skip="lora_", offload=offload, names=names)  # fmt: skip
+                        skip="lora_", offload=offload, names=names,
+                        base=teacher if run.lora is not None else None)  # fmt: skip
             if isinstance(net, MeanFlowNet):
                 net.zero_r_output()
             nets[name] = init_lora_shards(net) if run.lora is not None else net

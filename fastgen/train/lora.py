@@ -16,7 +16,9 @@ One base: the student and the fake score are :func:`shared_base` copies of the t
 modules over the teacher's own weight tensors, so the run holds the base once (in the
 teacher's dtype) and each network adds only its adapters (float32: what trains keeps float32
 masters). The teacher itself carries no adapter, so its outputs are bitwise the plain
-teacher's, and each loss's gradient reaches only the adapters of the network it trains.
+teacher's, and each loss's gradient reaches only the adapters of the network it trains. Under
+FSDP2 the networks are sharded each on its own, and the student's and fake score's frozen
+shards are the teacher's (:func:`fastgen.train.sharding.share_shards`): one base there too.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def _copy_sharing(net: nn.Module, shared) -> nn.Module:
 
 def one_base(run: Any) -> bool:
     """Whether the run's student and fake score are :func:`shared_base` copies of the teacher:
-    with ``lora:`` and without FSDP2 (which shards each network on its own)."""
+    with ``lora:`` and without FSDP2 (which shards each network on its own; a run built from
+    a teacher folder then shares the base's shards instead)."""
     return run.lora is not None and run.parallel != "fsdp2"
 
 

@@ -11,7 +11,8 @@ like this:
    (``safe_open(...).get_slice``), so a rank reads only its own rows and never holds more than
    its shards: the student and fake score are float32 copies of the teacher's rows (rounded to
    the teacher's dtype first, as ``teacher.to(float32)`` would be); with LoRA their frozen
-   base keeps the teacher's dtype and only the adapters are float32.
+   base is the teacher's own shards (:func:`share_shards`: one base in memory, as without
+   FSDP2) and only the adapters, float32, are theirs.
 
 :func:`gathered_state_dict` goes the other way for the export: one parameter at a time is
 all-gathered and kept (on CPU) by rank 0 only; :func:`merged_gathered` merges LoRA layers on
@@ -48,6 +49,7 @@ __all__ = [
     "process_group_backend",
     "safetensors_files",
     "shard_network",
+    "share_shards",
     "write_safetensors",
 ]
 
@@ -249,6 +251,7 @@ def load_shards(
     skip: str | None = None,
     offload: bool = False,
     names: dict[str, str] | None = None,
+    base: nn.Module | None = None,
 ) -> nn.Module:
     """Materialize a sharded (or plain) network built by :func:`empty_network` on ``device`` and
     fill every parameter and persistent buffer from ``folder``'s safetensors: each rank reads
@@ -266,6 +269,10 @@ def load_shards(
             sharded with ``offload=True``: FSDP2 copies each shard over for its all-gather).
         names: A parameter's name prefix → the file's (a wrapper's submodules: MeanFlow's
             student reads ``base.`` from ``""`` and ``r_embedder.`` from the timestep MLP's).
+        base: A network sharded and loaded alike (the teacher): every frozen parameter of
+            ``net`` (``requires_grad=False``, the base of a LoRA network) becomes ``base``'s
+            own shard, the same storage, not read or held again (:func:`share_shards`). Its
+            dtype must be ``base``'s; nothing may write to it.
 
     Raises:
         KeyError: A parameter the file does not hold, or a tensor of another shape (the message
@@ -287,10 +294,11 @@ def load_shards(
         for key, b in module._buffers.items():
             if b is not None:
                 module._buffers[key] = buffers[f"{prefix}.{key}" if prefix else key].to(device)
+    shared = share_shards(net, base, in_file) if base is not None else set()
     handles = {}
     try:
         for name, p in net.named_parameters():
-            if skip is not None and skip in name:
+            if (skip is not None and skip in name) or name in shared:
                 continue
             name = in_file(name)
             if name not in where:
@@ -325,6 +333,65 @@ def load_shards(
     finally:
         handles.clear()
     return net
+
+
+def _fsdp_params(net: nn.Module) -> dict[tuple[int, str], Any]:
+    """FSDP2's record of each sharded parameter of ``net``, by (module id, parameter name)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = {}
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            for fp in group.fsdp_params if group is not None else ():
+                out[id(fp._module_info.module), fp._module_info.param_name] = fp
+    return out
+
+
+@torch.no_grad()
+def share_shards(net: nn.Module, base: nn.Module, name_in_base: Callable[[str], str]) -> set[str]:
+    """Make each frozen parameter of ``net`` (``requires_grad=False``) ``base``'s shard of the
+    same name: the same storage, so a LoRA network over the teacher's weights holds only its
+    adapters (FSDP2 all-gathers the one shard into each network's own block buffer).
+
+    Both networks are sharded by :func:`shard_network` on the same ranks; ``base`` is loaded,
+    ``net`` materialized. Returns the names of the parameters shared (the rest are left to
+    load).
+
+    Raises:
+        ValueError: A frozen parameter whose counterpart in ``base`` has another dtype or
+            shape, or is missing (the message names it).
+    """
+    from torch.distributed.tensor import DTensor
+
+    mine, theirs = _fsdp_params(net), _fsdp_params(base)
+    by_name = {}
+    for prefix, module in base.named_modules():
+        for key in module._parameters:
+            fp = theirs.get((id(module), key))
+            if fp is not None:
+                fp.reset_sharded_param()  # its padded storage, as FSDP2's lazy init leaves it
+                by_name[f"{prefix}.{key}" if prefix else key] = fp
+    shared = set()
+    for prefix, module in net.named_modules():
+        for key, p in module._parameters.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if p is None or p.requires_grad or not isinstance(p, DTensor):
+                continue
+            src, fp = by_name.get(name_in_base(name)), mine.get((id(module), key))
+            if src is None or fp is None:
+                raise ValueError(f"{name}: no sharded parameter {name_in_base(name)!r} to share")
+            t = src.sharded_param
+            if (t.dtype, t.shape, t.placements) != (p.dtype, p.shape, p.placements):
+                raise ValueError(
+                    f"{name}: {p.dtype} {tuple(p.shape)} {p.placements} cannot share "
+                    f"{name_in_base(name)!r}'s {t.dtype} {tuple(t.shape)} {t.placements}"
+                )
+            p._local_tensor = t._local_tensor
+            fp._sharded_param_data = src._sharded_param_data
+            fp.reset_sharded_param()  # finds the one storage: keeps it (no copy)
+            shared.add(name)
+    return shared
 
 
 @torch.no_grad()
