@@ -152,8 +152,9 @@ def not_shared(nets: dict) -> list[str]:
                 full = f"{prefix}.{key}" if prefix else key
                 t = teacher[full.replace(".base_layer.", ".")]
                 gathered = records[id(module), key]._sharded_param_data
-                if t.to_local().numel() and (storage(p) != storage(t) or
-                                             gathered.untyped_storage().data_ptr() != storage(t)):
+                if t.to_local().numel() and (
+                    storage(p) != storage(t) or gathered.untyped_storage().data_ptr() != storage(t)
+                ):
                     out.append(f"{name}.{full}")
     return out
 
@@ -188,7 +189,8 @@ def bf16_lora_copies(run: RunConfig) -> dict:
     out["teacher_changed"] = [n for n, q in pipe.teacher.named_parameters()
                               if not torch.equal(full(q), teacher_before[n])]  # fmt: skip
     out["trained_base_not_teachers"] = not_shared(
-        {"teacher": pipe.teacher, "student": pipe.student, "fake_score": pipe.fake_score})
+        {"teacher": pipe.teacher, "student": pipe.student, "fake_score": pipe.fake_score}
+    )
     return out
 
 
