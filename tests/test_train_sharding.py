@@ -22,6 +22,7 @@ from fastgen.train.sharding import (
     empty_network,
     load_shards,
     safetensors_files,
+    shard_network,
 )
 
 WORKER = Path(__file__).resolve().parent / "train_sharding_worker.py"
@@ -85,6 +86,36 @@ def test_a_missing_or_misshapen_tensor_names_the_file(tmp_path):
     save_file(state | {name: state[name][:1]}, str(file))
     with pytest.raises(KeyError, match=rf"{file.name}: '{name}' has shape"):
         load_shards(empty_network(cls, config), tmp_path)
+
+
+def test_a_lora_network_shares_the_teachers_shards_and_refuses_another_dtype(
+    tmp_path, one_rank_group
+):
+    from peft.tuners.lora import LoraLayer
+
+    from fastgen.train.config import LoraConfig
+    from fastgen.train.lora import add_lora
+
+    net = build("sd3")
+    net.save_pretrained(str(tmp_path))
+    cls, config = type(net), json.loads((tmp_path / "config.json").read_text())
+    teacher = empty_network(cls, config).requires_grad_(False)
+    load_shards(shard_network(teacher), tmp_path)
+    lora = LoraConfig(rank=2, target_modules=["to_q", "to_v"])
+    student = add_lora(empty_network(cls, config), lora)
+    load_shards(shard_network(student), tmp_path, skip="lora_", base=teacher)
+    mine = {n.replace(".base_layer.", "."): p
+            for n, p in student.named_parameters() if "lora_" not in n}  # fmt: skip
+    assert sorted(mine) == sorted(n for n, _ in teacher.named_parameters())
+    for name, t in teacher.named_parameters():
+        assert mine[name].to_local().data_ptr() == t.to_local().data_ptr(), name  # one storage
+    assert sum(isinstance(m, LoraLayer) for m in student.modules()) == 2 * len(blocks(student))
+    # a base of another dtype than the teacher's cannot be its shards: named, not copied
+    other = add_lora(empty_network(cls, config, torch.bfloat16), lora)
+    with pytest.raises(
+        ValueError, match=r"pos_embed\.proj\.weight: torch\.bfloat16 .* cannot share"
+    ):
+        load_shards(shard_network(other), tmp_path, skip="lora_", base=teacher)
 
 
 def test_blocks_are_the_outermost_lists():
