@@ -54,7 +54,9 @@ def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     out = {}
     for name, net in trainer.pipeline.networks().items():
         out |= {f"{name}.{k}": full(v).clone() for k, v in network_state(net).items()}
-    out |= {f"ema.{k}": full(v).clone() for k, v in trainer.pipeline.ema.state_dict().items()}
+    out |= {
+        f"ema.{k}": full(v).clone() for k, v in trainer.pipeline.ema.sharded_state_dict().items()
+    }
     for name, opt in trainer.optimizers.items():
         for i, st in opt.state_dict()["state"].items():
             out |= {f"opt.{name}.{i}.{k}": full(v).clone() for k, v in st.items()}

@@ -79,6 +79,25 @@ def test_a_nested_override_merges_into_the_recipes_section():
     assert plain.ema is None  # a null still replaces the section
 
 
+@pytest.mark.parametrize("recipe", ["dmd2_qwen_image", "dmd2_sd3", "scm_sd3", "rcm_wan21"])
+def test_under_fsdp2_the_ema_keeps_each_ranks_shard_unless_the_run_says(recipe):
+    def mode(**fields) -> str:
+        return RunConfig(out="x", steps=1, recipe=recipe, **fields).method_config().ema.mode
+
+    section = "dmd" if recipe.startswith("dmd2") else recipe.split("_")[0]
+    recipe_mode = load_method_config(recipe).ema.mode
+    assert recipe_mode == "full_tensor"  # modelopt's library default (Qwen-Image's recipe says it)
+    assert mode(parallel="fsdp2") == "local_shard"  # no whole copy of the student per rank
+    assert mode(parallel="ddp") == mode() == recipe_mode
+    keep = {section: {"ema": {"mode": "full_tensor"}}}
+    assert mode(parallel="fsdp2", **keep) == "full_tensor"
+    decay = {section: {"ema": {"decay": 0.5}}}
+    got = RunConfig(out="x", steps=1, recipe=recipe, parallel="fsdp2", **decay).method_config()
+    assert got.ema.mode == "local_shard" and got.ema.decay == 0.5
+    off = RunConfig(out="x", steps=1, recipe=recipe, parallel="fsdp2", **{section: {"ema": None}})
+    assert off.method_config().ema is None
+
+
 def test_a_recipe_file_naming_an_unknown_method_is_an_error(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("method: consistency\n")

@@ -431,6 +431,8 @@ class RunConfig(BaseModel):
         """The recipe with its method's overrides (``dmd``, ``scm``, ``rcm`` or ``meanflow``),
         validated: a :class:`~fastgen.DMDConfig`, :class:`~fastgen.consistency.SCMConfig`,
         :class:`~fastgen.consistency.RCMConfig` or :class:`~fastgen.consistency.MeanFlowConfig`.
+        Under ``parallel: fsdp2`` the EMA keeps each rank's shard (``ema.mode: local_shard``)
+        unless the run's own overrides set ``ema: {mode: ...}``.
 
         Raises:
             FileNotFoundError: No such recipe.
@@ -447,7 +449,19 @@ class RunConfig(BaseModel):
                     f"(recipe {self.recipe!r}): set {'dmd' if method == 'dmd2' else method}: instead"
                 )
         overrides = self.dmd if method == "dmd2" else getattr(self, method)
-        return load_method_config(self.recipe, overrides, method=method)
+        config = load_method_config(self.recipe, overrides, method=method)
+        ema = getattr(config, "ema", None)
+        if (
+            self.parallel == "fsdp2"
+            and ema is not None
+            and "mode" not in (overrides.get("ema") or {})
+        ):
+            # each rank averages its own shard: no whole copy of the student on any rank (a
+            # recipe's full_tensor is modelopt's library default, not a run's choice)
+            config = config.model_copy(
+                update={"ema": ema.model_copy(update={"mode": "local_shard"})}
+            )
+        return config
 
     def dmd_config(self) -> DMDConfig:
         """The recipe with ``dmd`` overrides, validated (errors name the field).
