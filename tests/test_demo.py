@@ -253,7 +253,6 @@ def quick_meanflow(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_teacher")  # the fixtures train one teacher: one worker
 def test_quick_meanflow_run_two_steps_reach_the_teacher(quick_meanflow):
     out, m, stdout = quick_meanflow
     assert m["method"] == "meanflow" and m["compiled"] is False and "student_4step" not in m
@@ -273,7 +272,6 @@ def test_quick_meanflow_run_two_steps_reach_the_teacher(quick_meanflow):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_teacher")  # the fixtures train one teacher: one worker
 def test_quick_meanflow_resumed_from_its_middle_checkpoint_ends_as_the_straight_run(
     quick_meanflow, tmp_path
 ):
@@ -294,7 +292,6 @@ def test_quick_meanflow_resumed_from_its_middle_checkpoint_ends_as_the_straight_
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_teacher")  # the fixtures train one teacher: one worker
 def test_quick_scm_run_reuses_the_teacher_and_beats_its_one_step(quick_meanflow, tmp_path):
     import shutil
 
@@ -326,7 +323,6 @@ def quick_rcm(quick_meanflow, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_teacher")  # the fixtures train one teacher: one worker
 def test_quick_rcm_run_beats_the_teachers_one_step(quick_rcm):
     out, m, stdout = quick_rcm
     assert "teacher: resumed from step 800" in stdout
@@ -347,7 +343,6 @@ def test_quick_rcm_run_beats_the_teachers_one_step(quick_rcm):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_teacher")  # the fixtures train one teacher: one worker
 def test_quick_rcm_resumed_from_its_middle_checkpoint_ends_as_the_straight_run(quick_rcm, tmp_path):
     # the checkpoint holds the fake score and its optimizer too: without them the resumed
     # student would follow another fake score
