@@ -160,7 +160,7 @@ CONFIGS = {
 }
 
 
-def compile_over_batches(name, stance_from=None):
+def compile_over_batches(name, stance_from=None, batches=BATCHES):
     """Compile the loss once and run it on BATCHES; the CompileCounter and the pipeline."""
     pipe = toy_pipeline(**CONFIGS[name])
 
@@ -170,7 +170,7 @@ def compile_over_batches(name, stance_from=None):
     counter = CompileCounter()
     compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
     try:
-        for i, b in enumerate(BATCHES):
+        for i, b in enumerate(batches):
             if stance_from is not None and i == stance_from:
                 torch.compiler.set_stance("fail_on_recompile")
             out = compiled(*toy_batch(b), torch.tensor(i))  # an int 0 or 1 is specialized
@@ -183,18 +183,19 @@ def compile_over_batches(name, stance_from=None):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_loss_is_one_graph_with_the_jvp_inside(name):
-    # fullgraph=True: any graph break raises. One frame per batch size at most.
-    counter, pipe = compile_over_batches(name)
-    assert counter.frame_count <= len(BATCHES)
+    # fullgraph=True: any graph break raises. The finite-difference JVP: one frame for every
+    # batch (recompiling fails). Forward mode compiles once per batch size on torch 2.13 (the
+    # xfail below): two sizes show each is one frame.
+    if CONFIGS[name].get("jvp") == "finite_difference":
+        counter, pipe = compile_over_batches(name, stance_from=1)
+        assert counter.frame_count == 1
+    else:
+        counter, pipe = compile_over_batches(name, batches=BATCHES[:2])
+        assert counter.frame_count <= 2
     grads = [p.grad for p in pipe.student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     if pipe.teacher is not None:
         assert all(p.grad is None for p in pipe.teacher.parameters())
-
-
-def test_finite_difference_loss_does_not_recompile_across_batches():
-    counter, _ = compile_over_batches("fd", stance_from=1)
-    assert counter.frame_count == 1
 
 
 # torch 2.13: forward-mode AD of a binary op with a tangent-free operand (a Python scalar, a

@@ -183,7 +183,7 @@ COMPILE = {
 }
 
 
-def compile_over_batches(name, stance_from=None):
+def compile_over_batches(name, stance_from=None, batches=BATCHES):
     pipe = toy_pipeline(**COMPILE[name])
 
     def fn(lat, noise, cond, neg, it):
@@ -192,7 +192,7 @@ def compile_over_batches(name, stance_from=None):
     counter = CompileCounter()
     compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
     try:
-        for i, b in enumerate(BATCHES):
+        for i, b in enumerate(batches):
             if stance_from is not None and i == stance_from:
                 torch.compiler.set_stance("fail_on_recompile")
             out = compiled(*toy_batch(b), torch.tensor(i))  # an int 0 or 1 is specialized
@@ -205,17 +205,19 @@ def compile_over_batches(name, stance_from=None):
 
 @pytest.mark.parametrize("name", list(COMPILE))
 def test_loss_is_one_graph_with_the_jvp_inside(name):
-    counter, pipe = compile_over_batches(name)
-    assert counter.frame_count <= len(BATCHES)  # fullgraph: a graph break raises
+    # fullgraph: a graph break raises. The finite-difference JVP: one frame for every batch
+    # (recompiling fails). Forward mode compiles once per batch size on torch 2.13
+    # (test_consistency_meanflow's xfail says why): two sizes show each is one frame.
+    if COMPILE[name].get("jvp") == "finite_difference":
+        counter, pipe = compile_over_batches(name, stance_from=1)
+        assert counter.frame_count == 1
+    else:
+        counter, pipe = compile_over_batches(name, batches=BATCHES[:2])
+        assert counter.frame_count <= 2
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.student.parameters())
     assert pipe.weight_net.linear.weight.grad is not None
     if pipe.teacher is not None:
         assert all(p.grad is None for p in pipe.teacher.parameters())
-
-
-def test_finite_difference_loss_does_not_recompile_across_batches():
-    counter, _ = compile_over_batches("scd-fd", stance_from=1)
-    assert counter.frame_count == 1
 
 
 def test_aot_eager_equals_eager():
