@@ -260,11 +260,12 @@ def test_quick_meanflow_run_two_steps_reach_the_teacher(quick_meanflow):
         assert set(m[name]) == {"class_accuracy", "fd", "precision", "recall", "diversity",
                                 "diversity_ratio"}  # fmt: skip
     assert m["t_list_2step"] == [1.0, 0.5, 0.0] and m["export_equal"] is True
-    # Two jumps along u land near the teacher's 16-step ODE (measured 6.6 against 6.1) and far
-    # below the teacher's own x0 from noise (16.4). The 1-step x1 - u(x1, 0, 1) does not beat
-    # that yet at --quick's 100 updates (19.1; at the full 400 it does, docs/main-job.md).
-    assert m["student_2step"]["fd"] < 1.5 * m["teacher"]["fd"]
-    assert m["student_2step"]["fd"] < 0.5 * m["teacher_1step"]["fd"]
+    # With r drawn towards 0 the long jump trains first: at --quick's 100 updates the 1-step
+    # x1 - u(x1, 0, 1) lands at half the FD of the teacher's own x0 from noise (measured 8.3
+    # against 16.4; the teacher's 16-step ODE 6.1), two jumps below it too (10.4; at the full
+    # 800 updates both come near the teacher, docs/main-job.md).
+    assert m["student_1step"]["fd"] < 0.75 * m["teacher_1step"]["fd"]
+    assert m["student_2step"]["fd"] < m["teacher_1step"]["fd"]
     assert m["student_1step"]["class_accuracy"] > 0.9
     assert "student_2step" in stdout
     ckpts = sorted(p.name for p in (out / "student_meanflow" / "checkpoints").iterdir())

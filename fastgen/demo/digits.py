@@ -5,7 +5,8 @@ and 2 steps), metrics in a classifier's feature space, and the exported 1-step s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,21 +42,23 @@ class Budget:
     teacher_ode_steps: int
     classifier_epochs: int
     ema_decay: float  # of the evaluated (and exported) students
-    consistency_updates: int = 0  # of a --method meanflow / scm / rcm student
+    # student updates per --method meanflow / scm / rcm
+    consistency_updates: Mapping[str, int] = field(default_factory=dict)
 
 
 DEFAULT = Budget(teacher_steps=4000, onestep_updates=400, multistep_updates=300, batch=128,
                  teacher_ode_steps=32, classifier_epochs=40, ema_decay=0.99,
-                 consistency_updates=400)  # fmt: skip
+                 consistency_updates={"meanflow": 800, "scm": 400, "rcm": 400})  # fmt: skip
 QUICK = Budget(teacher_steps=800, onestep_updates=60, multistep_updates=40, batch=128,
                teacher_ode_steps=16, classifier_epochs=15, ema_decay=0.9,
-               consistency_updates=100)  # fmt: skip
+               consistency_updates={"meanflow": 100, "scm": 100, "rcm": 100})  # fmt: skip
 SETTINGS = {"gen_lr": 5e-4, "fake_lr": 1e-3}
 # per --method: learning rate and the method's own knobs (consistency.ConsistencySettings),
 # chosen on 400-update runs from this teacher (docs/main-job.md). MeanFlow: a finite-difference
 # JVP over 0.05 in t (forward mode, through the teacher's high-frequency time features, left the
-# 1-step student where it started), r drawn towards 0 for the 1-step jump, on every row (no
-# plain flow-matching rows); sCM: lr 5e-4 diverged; rCM: sCM's settings, the DMD2 term weighted
+# 1-step student where it started), r drawn towards 0 for the 1-step jump (logit mean -3; at -2
+# the 1-step student stayed near 3x the teacher's FD), on every row (no plain flow-matching
+# rows), for 800 updates; sCM: lr 5e-4 diverged; rCM: sCM's settings, the DMD2 term weighted
 # 10 (at 0.01 the sCM term dominates and the student degrades like sCM's). sCM and rCM take the
 # same finite-difference JVP: through the teacher's time features (frequencies up to 2^7 pi)
 # the exact dF/dt is mostly a fast wiggle at high t (at t = 0.8, twice the derivative smoothed
@@ -65,7 +68,7 @@ SETTINGS = {"gen_lr": 5e-4, "fake_lr": 1e-3}
 SCM_COMMON = {"lr": 2e-4, "tangent_warmup_steps": 100, "jvp": "finite_difference",
               "jvp_fd_step": 0.05, "sigma_data": 0.75}  # fmt: skip
 CONSISTENCY = {
-    "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 1.0, "r_logit_mean": -2.0,
+    "meanflow": {"lr": 4e-4, "time_dist": "uniform", "r_sample_ratio": 1.0, "r_logit_mean": -3.0,
                  "jvp": "finite_difference", "jvp_fd_step": 0.05},
     "scm": SCM_COMMON,
     "rcm": SCM_COMMON | {"dmd_weight": 10.0, "fake_updates": 5},
@@ -137,7 +140,7 @@ def run(args, rt: Runtime, start: float) -> dict | None:
         samplers = SAMPLERS
     else:
         settings = consistency.ConsistencySettings(
-            budget.consistency_updates, ema_decay=budget.ema_decay, guidance_scale=scale,
+            budget.consistency_updates[method], ema_decay=budget.ema_decay, guidance_scale=scale,
             null_label=NULL, **CONSISTENCY[method],
         )  # fmt: skip
         student = consistency.distill_consistency(rt, method, teacher, batch, settings)
@@ -239,7 +242,7 @@ def run(args, rt: Runtime, start: float) -> dict | None:
             consistency.MEANFLOW_2STEP if method == "meanflow"
             else consistency.scm_t_list(2, sigma_data=settings.sigma_data)
         )  # fmt: skip
-        result["updates"] = budget.consistency_updates
+        result["updates"] = budget.consistency_updates[method]
     return result
 
 
