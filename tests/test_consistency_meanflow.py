@@ -8,8 +8,13 @@ import copy
 import pydantic
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
-from toys import ToyAverageVelocity, ToyDiT, toy_batch
+from toys import (
+    ToyAverageVelocity,
+    ToyDiT,
+    assert_consistency_loss_is_one_frame,
+    compile_loss_over_batches,
+    toy_batch,
+)
 
 import fastgen
 from fastgen.consistency import (
@@ -160,38 +165,10 @@ CONFIGS = {
 }
 
 
-def compile_over_batches(name, stance_from=None, batches=BATCHES):
-    """Compile the loss once and run it on BATCHES; the CompileCounter and the pipeline."""
-    pipe = toy_pipeline(**CONFIGS[name])
-
-    def fn(lat, noise, cond, neg, it):
-        return pipe.compute_loss(lat, noise, cond, negative_encoder_hidden_states=neg, iteration=it)
-
-    counter = CompileCounter()
-    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
-    try:
-        for i, b in enumerate(batches):
-            if stance_from is not None and i == stance_from:
-                torch.compiler.set_stance("fail_on_recompile")
-            out = compiled(*toy_batch(b), torch.tensor(i))  # an int 0 or 1 is specialized
-            out["total"].backward()
-            assert torch.isfinite(out["total"])
-    finally:
-        torch.compiler.set_stance("default")
-    return counter, pipe
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_loss_is_one_graph_with_the_jvp_inside(name):
-    # fullgraph=True: any graph break raises. The finite-difference JVP: one frame for every
-    # batch (recompiling fails). Forward mode compiles once per batch size on torch 2.13 (the
-    # xfail below): two sizes show each is one frame.
-    if CONFIGS[name].get("jvp") == "finite_difference":
-        counter, pipe = compile_over_batches(name, stance_from=1)
-        assert counter.frame_count == 1
-    else:
-        counter, pipe = compile_over_batches(name, batches=BATCHES[:2])
-        assert counter.frame_count <= 2
+    pipe = toy_pipeline(**CONFIGS[name])
+    assert_consistency_loss_is_one_frame(pipe, pipe.config.jvp, BATCHES)
     grads = [p.grad for p in pipe.student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     if pipe.teacher is not None:
@@ -203,7 +180,7 @@ def test_loss_is_one_graph_with_the_jvp_inside(name):
 # of the result: the batch symbol is specialized, so each new batch size compiles once more.
 @pytest.mark.xfail(strict=True, reason="torch 2.13 specializes sizes in forward-mode zero tangents")
 def test_forward_mode_loss_does_not_recompile_across_batches():
-    counter, _ = compile_over_batches("training", stance_from=1)
+    counter = compile_loss_over_batches(toy_pipeline(**CONFIGS["training"]), BATCHES, 1)
     assert counter.frame_count == 1
 
 

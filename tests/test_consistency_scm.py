@@ -10,8 +10,7 @@ import pydantic
 import pytest
 import torch
 from torch import nn
-from torch._dynamo.testing import CompileCounter
-from toys import ToyDiT, toy_batch
+from toys import ToyDiT, assert_consistency_loss_is_one_frame, toy_batch
 
 import fastgen
 from fastgen.consistency import (
@@ -183,37 +182,10 @@ COMPILE = {
 }
 
 
-def compile_over_batches(name, stance_from=None, batches=BATCHES):
-    pipe = toy_pipeline(**COMPILE[name])
-
-    def fn(lat, noise, cond, neg, it):
-        return pipe.compute_loss(lat, noise, cond, negative_encoder_hidden_states=neg, iteration=it)
-
-    counter = CompileCounter()
-    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
-    try:
-        for i, b in enumerate(batches):
-            if stance_from is not None and i == stance_from:
-                torch.compiler.set_stance("fail_on_recompile")
-            out = compiled(*toy_batch(b), torch.tensor(i))  # an int 0 or 1 is specialized
-            out["total"].backward()
-            assert torch.isfinite(out["total"])
-    finally:
-        torch.compiler.set_stance("default")
-    return counter, pipe
-
-
 @pytest.mark.parametrize("name", list(COMPILE))
 def test_loss_is_one_graph_with_the_jvp_inside(name):
-    # fullgraph: a graph break raises. The finite-difference JVP: one frame for every batch
-    # (recompiling fails). Forward mode compiles once per batch size on torch 2.13
-    # (test_consistency_meanflow's xfail says why): two sizes show each is one frame.
-    if COMPILE[name].get("jvp") == "finite_difference":
-        counter, pipe = compile_over_batches(name, stance_from=1)
-        assert counter.frame_count == 1
-    else:
-        counter, pipe = compile_over_batches(name, batches=BATCHES[:2])
-        assert counter.frame_count <= 2
+    pipe = toy_pipeline(**COMPILE[name])
+    assert_consistency_loss_is_one_frame(pipe, pipe.config.jvp, BATCHES)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.student.parameters())
     assert pipe.weight_net.linear.weight.grad is not None
     if pipe.teacher is not None:

@@ -123,6 +123,39 @@ def toy_batch(b: int = 4, dtype: torch.dtype = torch.float32, cond_dim: int = 8)
     return latents, noise, cond, neg
 
 
+def compile_loss_over_batches(pipe, batches, stance_from: int | None = None):
+    """Compile ``pipe.compute_loss`` once (fullgraph, dynamic batch) and run it forward and
+    backward on a toy batch of each size; from batch number ``stance_from`` on a recompile
+    raises. Returns the CompileCounter."""
+    from torch._dynamo.testing import CompileCounter
+
+    def fn(lat, noise, cond, neg, it):
+        return pipe.compute_loss(lat, noise, cond, negative_encoder_hidden_states=neg, iteration=it)
+
+    counter = CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    try:
+        for i, b in enumerate(batches):
+            if stance_from is not None and i == stance_from:
+                torch.compiler.set_stance("fail_on_recompile")
+            out = compiled(*toy_batch(b), torch.tensor(i))  # an int 0 or 1 is specialized
+            out["total"].backward()
+            assert torch.isfinite(out["total"])
+    finally:
+        torch.compiler.set_stance("default")
+    return counter
+
+
+def assert_consistency_loss_is_one_frame(pipe, jvp: str, batches) -> None:
+    """fullgraph: a graph break raises. The finite-difference JVP: one frame for every batch
+    (a recompile raises). Forward mode compiles once per batch size on torch 2.13
+    (test_consistency_meanflow's xfail says why): two sizes show each is one frame."""
+    if jvp == "finite_difference":
+        assert compile_loss_over_batches(pipe, batches, stance_from=1).frame_count == 1
+    else:
+        assert compile_loss_over_batches(pipe, batches[:2]).frame_count <= 2
+
+
 class ToyAverageVelocity(nn.Module):
     """A network whose derivative along the ODE is known in closed form (float64 oracle):
 

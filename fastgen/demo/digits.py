@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ class Budget:
     classifier_epochs: int
     ema_decay: float  # of the evaluated (and exported) students
     # student updates per --method meanflow / scm / rcm
-    consistency_updates: Mapping[str, int] = field(default_factory=dict)
+    consistency_updates: Mapping[str, int]
 
 
 DEFAULT = Budget(teacher_steps=4000, onestep_updates=400, multistep_updates=300, batch=128,
