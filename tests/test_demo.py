@@ -273,26 +273,6 @@ def test_quick_meanflow_run_two_steps_reach_the_teacher(quick_meanflow):
 
 
 @pytest.mark.slow
-def test_quick_meanflow_resumed_from_its_middle_checkpoint_ends_as_the_straight_run(
-    quick_meanflow, tmp_path
-):
-    import shutil
-
-    out, m, _ = quick_meanflow
-    again = tmp_path / "out"
-    shutil.copytree(out, again)
-    shutil.rmtree(again / "student_meanflow" / "checkpoints" / "step_00000100")
-    (again / "metrics.json").unlink()
-    _, resumed, stdout = run_demo(tmp_path, "--method", "meanflow", "--no-compile",
-                                  "--checkpoint-every", "50", out=again)  # fmt: skip
-    assert "meanflow: resumed from step 50" in stdout
-    for name in CONSISTENCY_SAMPLERS:
-        assert resumed[name] == m[name], name
-    first, second = torch.load(out / "samples.pt"), torch.load(again / "samples.pt")
-    assert all(torch.equal(first[k], second[k]) for k in first)
-
-
-@pytest.mark.slow
 def test_quick_scm_run_reuses_the_teacher_and_beats_its_one_step(quick_meanflow, tmp_path):
     import shutil
 
@@ -345,8 +325,9 @@ def test_quick_rcm_run_beats_the_teachers_one_step(quick_rcm):
 
 @pytest.mark.slow
 def test_quick_rcm_resumed_from_its_middle_checkpoint_ends_as_the_straight_run(quick_rcm, tmp_path):
-    # the checkpoint holds the fake score and its optimizer too: without them the resumed
-    # student would follow another fake score
+    # The consistency stage's resume (the same code for the three methods, rCM's with the most
+    # state): the checkpoint holds the fake score and its optimizer too, without which the
+    # resumed student would follow another fake score.
     import shutil
 
     out, m, _ = quick_rcm
