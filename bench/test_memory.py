@@ -5,7 +5,8 @@ parameters at full size, width 512, 6 joint blocks) for 2 DMD2 iterations with a
 ``bench/memory_worker.py``: in its own process (or ``torchrun`` processes on gloo), each rank's
 peak resident memory (``ru_maxrss``) minus its resident memory once torch, diffusers, peft and
 the model class are imported. The modes: 1 process; FSDP2 on 1, 2 and 4 ranks (fitted as
-``replicated + sharded / N``); FSDP2 on 2 ranks with activation checkpointing; LoRA (rank 16)
+``replicated + sharded / N``), with float32 networks and with a bfloat16 teacher gathered in
+bfloat16 (``precision: bf16``); FSDP2 on 2 ranks with activation checkpointing; LoRA (rank 16)
 on 1 process with a float32 and a bfloat16 teacher (saved in bfloat16, ``precision: bf16``),
 and on 2 FSDP2 ranks with each. And FSDP2 on 1, 2 and 4 ranks of a teacher of the same size in
 24 blocks (:data:`DEEP`), where what stays replicated is a smaller share of the model.
@@ -46,6 +47,14 @@ MODES = {
     "FSDP2 x1": (1, {"parallel": "fsdp2"}),
     "FSDP2 x2": (2, {"parallel": "fsdp2"}),
     "FSDP2 x4": (4, {"parallel": "fsdp2"}),
+    # the mode the large teachers train in: a bf16 teacher, FSDP2 gathering bf16 blocks
+    **{
+        f"FSDP2 x{n}, bf16": (
+            n,
+            {"parallel": "fsdp2", "teacher_dtype": "bfloat16", "precision": "bf16"},
+        )
+        for n in (1, 2, 4)
+    },
     "FSDP2 x2, activation checkpointing": (
         2,
         {"parallel": "fsdp2", "activation_checkpointing": True},
@@ -161,13 +170,17 @@ def test_memory_per_teacher_parameter(benchmark, is_smoke):
             replicated, sharded = fit({n: by_mode[f"FSDP2 x{n}"]["bytes_per_param_max"]
                                        for n in (1, 2, 4)})  # fmt: skip
             by_mode["FSDP2 fit"] = {"replicated": replicated, "sharded": sharded}
+            replicated, sharded = fit({n: by_mode[f"FSDP2 x{n}, bf16"]["bytes_per_param_max"]
+                                       for n in (1, 2, 4)})  # fmt: skip
+            by_mode["FSDP2 bf16 fit"] = {"replicated": replicated, "sharded": sharded}
     benchmark.extra_info.update(teacher_params=params, modes=results)
     print(json.dumps(results, indent=1))
 
 
 def test_memory_per_teacher_parameter_of_a_deep_teacher(benchmark, is_smoke):
-    """FSDP2 on 1, 2 and 4 ranks and the fit, live tensors, for :data:`DEEP`: the replicated
-    part in blocks of a 24th of the model. The same runs of the smoke folder (3,000 times
+    """FSDP2 on 1, 2 and 4 ranks and the fit, live tensors, for :data:`DEEP`, in float32 and
+    with a bfloat16 teacher gathered in bfloat16: the replicated part in blocks of a 24th of
+    the model. The same runs of the smoke folder (3,000 times
     fewer parameters) give the memory a run takes whatever the model's size (threads, gloo's
     buffers, the code the run imports): the fixed bytes, a share of the replicated bytes per
     parameter here that vanishes at billions of parameters."""
@@ -184,10 +197,11 @@ def test_memory_per_teacher_parameter_of_a_deep_teacher(benchmark, is_smoke):
 
     def all_modes():
         for n in (1, 2, 4):
-            reports = measure(root, teacher, f"FSDP2 x{n}", allocator)
-            per_rank = [r["run_bytes"] / params for r in reports]
-            results[f"FSDP2 x{n}"] = {"ranks": n, "bytes_per_param_by_rank": per_rank,
-                                      "bytes_per_param_max": max(per_rank)}  # fmt: skip
+            for mode in (f"FSDP2 x{n}", f"FSDP2 x{n}, bf16"):
+                reports = measure(root, teacher, mode, allocator)
+                per_rank = [r["run_bytes"] / params for r in reports]
+                results[mode] = {"ranks": n, "bytes_per_param_by_rank": per_rank,
+                                 "bytes_per_param_max": max(per_rank)}  # fmt: skip
             fixed[n] = max(r["run_bytes"] for r in measure(root, tiny, f"FSDP2 x{n}", allocator))
 
     try:
@@ -197,6 +211,8 @@ def test_memory_per_teacher_parameter_of_a_deep_teacher(benchmark, is_smoke):
     replicated, sharded = fit({n: results[f"FSDP2 x{n}"]["bytes_per_param_max"] for n in (1, 2, 4)})
     assert sharded > 0
     results["FSDP2 fit"] = {"replicated": replicated, "sharded": sharded}
+    bf16 = fit({n: results[f"FSDP2 x{n}, bf16"]["bytes_per_param_max"] for n in (1, 2, 4)})
+    results["FSDP2 bf16 fit"] = {"replicated": bf16[0], "sharded": bf16[1]}
     fixed_bytes = max(fixed.values())
     results["fixed bytes (the smoke folder's run)"] = {
         "bytes_by_ranks": fixed,
