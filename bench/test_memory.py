@@ -31,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -139,6 +140,13 @@ def fit(points: dict[int, float]) -> tuple[float, float]:
     return my - sharded * mx, sharded
 
 
+def fit_series(by_mode: dict[str, dict], suffix: str = "") -> dict[str, float]:
+    """The fit through the modes ``FSDP2 x1{suffix}``, ``x2`` and ``x4`` (their largest rank)."""
+    replicated, sharded = fit({n: by_mode[f"FSDP2 x{n}{suffix}"]["bytes_per_param_max"]
+                               for n in (1, 2, 4)})  # fmt: skip
+    return {"replicated": replicated, "sharded": sharded}
+
+
 def test_memory_per_teacher_parameter(benchmark, is_smoke):
     results: dict[str, dict[str, dict]] = {}
     root = Path(tempfile.mkdtemp(prefix="fastgen-bench-memory-"))
@@ -167,12 +175,8 @@ def test_memory_per_teacher_parameter(benchmark, is_smoke):
         for mode, r in by_mode.items():
             assert all(b > 0 for b in r["bytes_per_param_by_rank"]), (allocator, mode)
         if not is_smoke:
-            replicated, sharded = fit({n: by_mode[f"FSDP2 x{n}"]["bytes_per_param_max"]
-                                       for n in (1, 2, 4)})  # fmt: skip
-            by_mode["FSDP2 fit"] = {"replicated": replicated, "sharded": sharded}
-            replicated, sharded = fit({n: by_mode[f"FSDP2 x{n}, bf16"]["bytes_per_param_max"]
-                                       for n in (1, 2, 4)})  # fmt: skip
-            by_mode["FSDP2 bf16 fit"] = {"replicated": replicated, "sharded": sharded}
+            by_mode["FSDP2 fit"] = fit_series(by_mode)
+            by_mode["FSDP2 bf16 fit"] = fit_series(by_mode, ", bf16")
     benchmark.extra_info.update(teacher_params=params, modes=results)
     print(json.dumps(results, indent=1))
 
@@ -185,8 +189,6 @@ def test_memory_per_teacher_parameter_of_a_deep_teacher(benchmark, is_smoke):
     buffers, the code the run imports): the fixed bytes, a share of the replicated bytes per
     parameter here that vanishes at billions of parameters."""
     if is_smoke:
-        import pytest
-
         pytest.skip("full size only: the smoke folder has no depth to speak of")
     results: dict[str, dict] = {}
     fixed: dict[int, float] = {}
@@ -208,18 +210,17 @@ def test_memory_per_teacher_parameter_of_a_deep_teacher(benchmark, is_smoke):
         benchmark.pedantic(all_modes, rounds=1, iterations=1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    replicated, sharded = fit({n: results[f"FSDP2 x{n}"]["bytes_per_param_max"] for n in (1, 2, 4)})
-    assert sharded > 0
-    results["FSDP2 fit"] = {"replicated": replicated, "sharded": sharded}
-    bf16 = fit({n: results[f"FSDP2 x{n}, bf16"]["bytes_per_param_max"] for n in (1, 2, 4)})
-    results["FSDP2 bf16 fit"] = {"replicated": bf16[0], "sharded": bf16[1]}
+    results["FSDP2 fit"] = fit_series(results)
+    results["FSDP2 bf16 fit"] = fit_series(results, ", bf16")
+    assert results["FSDP2 fit"]["sharded"] > 0 and results["FSDP2 bf16 fit"]["sharded"] > 0
     fixed_bytes = max(fixed.values())
     results["fixed bytes (the smoke folder's run)"] = {
         "bytes_by_ranks": fixed,
         "bytes_per_param": fixed_bytes / params,
     }
     results["FSDP2 fit, net of the fixed bytes"] = {
-        "replicated": replicated - fixed_bytes / params, "sharded": sharded}  # fmt: skip
+        "replicated": results["FSDP2 fit"]["replicated"] - fixed_bytes / params,
+        "sharded": results["FSDP2 fit"]["sharded"]}  # fmt: skip
     benchmark.extra_info.update(teacher_params=params, blocks=DEEP["num_layers"],
                                 modes={allocator: results})  # fmt: skip
     print(json.dumps(results, indent=1))
