@@ -80,6 +80,8 @@ SMOKE_MODES = ["1 process", "FSDP2 x2"]
 # The same size in 24 blocks of width 256 (56M parameters): what FSDP2 keeps gathered is a
 # number of blocks, and the teachers it is for have 38-60 of them, not 6.
 DEEP = dict(SD3, num_layers=24, num_attention_heads=4, caption_projection_dim=256)
+#: :data:`DEEP`'s 24 blocks at the smoke folder's widths: its structure without its parameters
+NARROW = dict(SMOKE, num_layers=DEEP["num_layers"])
 ALLOCATORS = {"glibc default": {}, "mmap threshold 64 KiB": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
@@ -184,43 +186,41 @@ def test_memory_per_teacher_parameter(benchmark, is_smoke):
 def test_memory_per_teacher_parameter_of_a_deep_teacher(benchmark, is_smoke):
     """FSDP2 on 1, 2 and 4 ranks and the fit, live tensors, for :data:`DEEP`, in float32 and
     with a bfloat16 teacher gathered in bfloat16: the replicated part in blocks of a 24th of
-    the model. The same runs of the smoke folder (3,000 times
-    fewer parameters) give the memory a run takes whatever the model's size (threads, gloo's
-    buffers, the code the run imports): the fixed bytes, a share of the replicated bytes per
-    parameter here that vanishes at billions of parameters."""
+    the model. The same runs of :data:`NARROW` (the same 24 blocks, tensors and modules at the
+    smoke folder's widths: 238 times fewer parameters) give what a run of this structure holds
+    whatever its width (code, threads, gloo's buffers, Python's objects per module and tensor,
+    the checkpoint's metadata), given in bytes per parameter of :data:`DEEP`; the fits of the
+    difference are the bytes that grow with the parameters."""
     if is_smoke:
         pytest.skip("full size only: the smoke folder has no depth to speak of")
     results: dict[str, dict] = {}
-    fixed: dict[int, float] = {}
     root = Path(tempfile.mkdtemp(prefix="fastgen-bench-memory-"))
     teacher, params = teacher_folder(root, DEEP)
-    tiny, _ = teacher_folder(root / "smoke", SMOKE)
+    narrow, narrow_params = teacher_folder(root / "narrow", NARROW)
     allocator = "mmap threshold 64 KiB"
 
     def all_modes():
         for n in (1, 2, 4):
             for mode in (f"FSDP2 x{n}", f"FSDP2 x{n}, bf16"):
-                reports = measure(root, teacher, mode, allocator)
-                per_rank = [r["run_bytes"] / params for r in reports]
-                results[mode] = {"ranks": n, "bytes_per_param_by_rank": per_rank,
-                                 "bytes_per_param_max": max(per_rank)}  # fmt: skip
-            fixed[n] = max(r["run_bytes"] for r in measure(root, tiny, f"FSDP2 x{n}", allocator))
+                for folder, name in ((teacher, mode), (narrow, f"{mode}, narrow")):
+                    per_rank = [
+                        r["run_bytes"] / params for r in measure(root, folder, mode, allocator)
+                    ]
+                    results[name] = {"ranks": n, "bytes_per_param_by_rank": per_rank,
+                                     "bytes_per_param_max": max(per_rank)}  # fmt: skip
 
     try:
         benchmark.pedantic(all_modes, rounds=1, iterations=1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    results["FSDP2 fit"] = fit_series(results)
-    results["FSDP2 bf16 fit"] = fit_series(results, ", bf16")
-    assert results["FSDP2 fit"]["sharded"] > 0 and results["FSDP2 bf16 fit"]["sharded"] > 0
-    fixed_bytes = max(fixed.values())
-    results["fixed bytes (the smoke folder's run)"] = {
-        "bytes_by_ranks": fixed,
-        "bytes_per_param": fixed_bytes / params,
-    }
-    results["FSDP2 fit, net of the fixed bytes"] = {
-        "replicated": results["FSDP2 fit"]["replicated"] - fixed_bytes / params,
-        "sharded": results["FSDP2 fit"]["sharded"]}  # fmt: skip
+    for suffix, name in (("", "FSDP2 fit"), (", bf16", "FSDP2 bf16 fit")):
+        results[name] = fit_series(results, suffix)
+        assert results[name]["sharded"] > 0
+        net = {f"FSDP2 x{n}{suffix}": {"bytes_per_param_max":
+               results[f"FSDP2 x{n}{suffix}"]["bytes_per_param_max"]
+               - results[f"FSDP2 x{n}{suffix}, narrow"]["bytes_per_param_max"]}
+               for n in (1, 2, 4)}  # fmt: skip
+        results[f"{name}, less the narrow run"] = fit_series(net, suffix)
     benchmark.extra_info.update(teacher_params=params, blocks=DEEP["num_layers"],
-                                modes={allocator: results})  # fmt: skip
+                                narrow_params=narrow_params, modes={allocator: results})  # fmt: skip
     print(json.dumps(results, indent=1))
