@@ -374,7 +374,10 @@ What is timed (`bench/`, pytest-benchmark; compile and warm-up outside the timed
 - `test_memory.py`: `fastgen distill` on an SD3 transformer folder (55M parameters) in each
   way to run it (1 process, FSDP2 on 1/2/4 gloo ranks, activation checkpointing, LoRA), each
   rank's peak resident memory per teacher parameter, with glibc's default allocator and with
-  large blocks returned when freed (the live tensors); see the memory guide.
+  large blocks returned when freed (the live tensors); and on a teacher of the same size in 24
+  blocks, beside the same 24 blocks at the smoke folder's widths (the `narrow` rows, in bytes
+  per parameter of the 24-block teacher: what a run of that structure holds whatever its
+  width); see the memory guide.
 
 Run them:
 
