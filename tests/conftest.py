@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgen
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One CPU thread per xdist worker, for the worker and the runs it starts (they read
+    # OMP_NUM_THREADS): two workers of torch's default pool each would share the 2 cores 4 ways.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
