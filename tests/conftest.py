@@ -17,6 +17,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(items):
+    # The slow tests first, in their order: xdist's workers take the rest as they free up, so
+    # the longest (the quick demo runs, minutes each on one core) do not end the run alone.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 # aten ops that copy a device value to the host (a sync on CUDA) or need one to size outputs.

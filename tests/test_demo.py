@@ -212,8 +212,9 @@ def test_quick_digits_run_and_its_resume_after_sigkills_at_random_times(tmp_path
 
 @pytest.mark.slow
 def test_quick_ring_run(tmp_path):
-    out, m, _ = run_demo(tmp_path, "--data", "ring")
-    assert m["job"] == "ring" and m["compiled"] is True
+    # eager: the compiled stages are the digits run's above, the same training code
+    out, m, _ = run_demo(tmp_path, "--data", "ring", "--no-compile")
+    assert m["job"] == "ring" and m["compiled"] is False
     assert m["student_1step"]["swd"] < m["teacher_1step"]["swd"]
     samples = torch.load(out / "samples.pt")
     assert samples["student_1step"].shape == (8192, 2) and "labels" not in samples
@@ -242,6 +243,8 @@ def test_the_teacher_stage_saves_and_stops_on_a_preemption_notice(tmp_path):
 
 
 CONSISTENCY_SAMPLERS = ("teacher", "teacher_1step", "student_1step", "student_2step", "data")
+# the tests that share the quick MeanFlow run (and its teacher) on one xdist worker
+SHARED_TEACHER = pytest.mark.xdist_group("demo_shared_teacher")
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +256,7 @@ def quick_meanflow(tmp_path_factory):
 
 
 @pytest.mark.slow
+@SHARED_TEACHER
 def test_quick_meanflow_run_two_steps_reach_the_teacher(quick_meanflow):
     out, m, stdout = quick_meanflow
     assert m["method"] == "meanflow" and m["compiled"] is False and "student_4step" not in m
@@ -273,6 +277,7 @@ def test_quick_meanflow_run_two_steps_reach_the_teacher(quick_meanflow):
 
 
 @pytest.mark.slow
+@SHARED_TEACHER
 def test_quick_scm_run_reuses_the_teacher_and_beats_its_one_step(quick_meanflow, tmp_path):
     import shutil
 
@@ -304,6 +309,7 @@ def quick_rcm(quick_meanflow, tmp_path_factory):
 
 
 @pytest.mark.slow
+@SHARED_TEACHER
 def test_quick_rcm_run_beats_the_teachers_one_step(quick_rcm):
     out, m, stdout = quick_rcm
     assert "teacher: resumed from step 800" in stdout
@@ -324,6 +330,7 @@ def test_quick_rcm_run_beats_the_teachers_one_step(quick_rcm):
 
 
 @pytest.mark.slow
+@SHARED_TEACHER
 def test_quick_rcm_resumed_from_its_middle_checkpoint_ends_as_the_straight_run(quick_rcm, tmp_path):
     # The consistency stage's resume (the same code for the three methods, rCM's with the most
     # state): the checkpoint holds the fake score and its optimizer too, without which the

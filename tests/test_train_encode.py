@@ -19,6 +19,10 @@ pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 
+# the module fixture built once: the file's tests on one xdist worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("train_encode")
+
+
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
     return save_sd3_pipeline(tmp_path_factory.mktemp("pipe"))

@@ -32,6 +32,10 @@ class Features(nn.Module):
         return self.conv(x.float() / 255.0).mean(dim=(2, 3))
 
 
+# the module fixture built once: the file's tests on one xdist worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("train_evaluate")
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel
