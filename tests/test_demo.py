@@ -242,6 +242,23 @@ def test_the_teacher_stage_saves_and_stops_on_a_preemption_notice(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone again
 
 
+def test_the_digits_scm_settings_reach_its_config():
+    # sCM's own time proposal and tangent step (docs/main-job.md), rCM on the common ones
+    from fastgen.consistency import SCMConfig
+    from fastgen.demo import consistency
+    from fastgen.demo.digits import CONSISTENCY
+
+    def config(method):
+        s = consistency.ConsistencySettings(400, ema_decay=0.99, **CONSISTENCY[method])
+        return SCMConfig(**consistency._scm_config(s))
+
+    scm, rcm = config("scm"), config("rcm")
+    assert (scm.sample_t_cfg.train_p_mean, scm.sample_t_cfg.train_p_std) == (0.75, 1.4)
+    assert scm.jvp_fd_step == 0.3 and scm.sample_t_cfg.time_dist_type == "logitnormal"
+    assert (rcm.sample_t_cfg.train_p_mean, rcm.sample_t_cfg.train_p_std) == (0.0, 1.0)
+    assert rcm.jvp_fd_step == 0.05 and scm.sigma_data == rcm.sigma_data == 0.75
+
+
 CONSISTENCY_SAMPLERS = ("teacher", "teacher_1step", "student_1step", "student_2step", "data")
 # the tests that share the quick MeanFlow run (and its teacher) on one xdist worker
 SHARED_TEACHER = pytest.mark.xdist_group("demo_shared_teacher")

@@ -38,7 +38,8 @@ MEANFLOW_2STEP = [1.0, 0.5, 0.0]
 class ConsistencySettings:
     """One consistency student: ``updates`` Adam steps at ``lr`` (cosine decay to ``lr / 20``),
     an EMA of ``ema_decay``; the teacher's guidance (``guidance_scale``, ``null_label``); the
-    times t drawn from ``time_dist`` on [0, 1]; MeanFlow's r drawn like t, or with
+    times t drawn from ``time_dist`` on [0, 1] (logit-normal: ``logit t ~ N(t_logit_mean,
+    t_logit_std)``); MeanFlow's r drawn like t, or with
     ``r_logit_mean`` from a logit-normal of that mean (then ``t, r = max, min``: a negative mean
     trains the long jumps to r near 0 that the 1-step sampler takes), ``r_sample_ratio`` and
     the adaptive-weight power; the tangent warmup; sCM's and rCM's TrigFlow ``sigma_data`` (the
@@ -53,6 +54,8 @@ class ConsistencySettings:
     guidance_scale: float | None = None
     null_label: int | None = None
     time_dist: Literal["uniform", "logitnormal"] = "logitnormal"
+    t_logit_mean: float = 0.0
+    t_logit_std: float = 1.0
     r_sample_ratio: float = 0.25
     r_logit_mean: float | None = None
     adaptive_weight_power: float = 1.0
@@ -85,7 +88,8 @@ def _negative(labels: Tensor, s: ConsistencySettings) -> dict:
 
 
 def _times(s: ConsistencySettings, lo: float = 0.0, hi: float = 1.0) -> SampleTimestepConfig:
-    return SampleTimestepConfig(time_dist_type=s.time_dist, min_t=lo, max_t=hi)
+    return SampleTimestepConfig(time_dist_type=s.time_dist, train_p_mean=s.t_logit_mean,
+                                train_p_std=s.t_logit_std, min_t=lo, max_t=hi)  # fmt: skip
 
 
 def meanflow_student(teacher: DigitsFlowNet, s: ConsistencySettings) -> Student:
